@@ -1,0 +1,146 @@
+"""The frozen backbone: loading (hub, local folder or embedded), freezing, and the prompted forward.
+
+Under ZeRO-3 the model must be created inside ``zero.Init`` so that no rank ever holds all of
+it; transformers does that in ``from_pretrained`` while an ``HfDeepSpeedConfig`` is alive, which
+``load_backbone`` keeps alive for the caller. Reading a partitioned parameter outside its
+module's forward gives an empty placeholder, so P_init is read inside ``GatheredParameters``
+(the pattern of PEFT's ``gather_params_ctx``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+class BackboneError(ValueError):
+    """The backbone cannot be loaded or is not usable for prompt tuning."""
+
+
+@dataclass
+class Backbone:
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    is_encoder_decoder: bool
+    name: str  # what the user asked for (hub name, path or embedded:<family>)
+    hidden_size: int
+    hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive while the model lives
+
+
+def resolve_model_path(name_or_path: str, cache_dir: Path, d_model: int, num_layers: int) -> str:
+    """Turn ``embedded:<family>`` into a local folder (building it once), check local paths.
+
+    Hub names are returned unchanged; transformers loads them (or from its cache)."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        from dtvg_scale import embedded
+
+        family = name_or_path[len(EMBEDDED_PREFIX):]
+        if family not in ("t5", "llama"):
+            raise BackboneError(f"unknown embedded backbone {name_or_path!r}; use embedded:t5 or embedded:llama")
+        folder = cache_dir / f"embedded_{family}_d{d_model}_l{num_layers}"
+        tokenizer = embedded.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), family)
+        return embedded.build_tiny_backbone(folder, family, tokenizer, d_model=d_model, num_layers=num_layers)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"model folder {path} has no config.json")
+        return str(path)
+    if looks_local:
+        raise BackboneError(f"model path not found: {name_or_path}")
+    return name_or_path
+
+
+def is_encoder_decoder_config(model_path: str) -> bool:
+    try:
+        config = AutoConfig.from_pretrained(model_path)
+    except OSError as err:
+        raise BackboneError(f"cannot load a model config from {model_path!r}: {err}") from err
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def load_backbone(model_path: str, name: str, ds_config: dict, dtype: torch.dtype) -> Backbone:
+    """Load tokenizer and model, frozen. With a ZeRO-3 ``ds_config`` the weights are
+    partitioned as they load (``zero.Init`` through transformers' HfDeepSpeedConfig)."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = None
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # must outlive from_pretrained
+    encoder_decoder = is_encoder_decoder_config(model_path)
+    auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = auto_class.from_pretrained(model_path, dtype=dtype)
+    except OSError as err:
+        raise BackboneError(f"cannot load backbone {name!r} from {model_path!r}: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models often ship without one
+    model.requires_grad_(False)  # frozen before any engine sees it
+    hidden = model.get_input_embeddings().embedding_dim
+    return Backbone(model, tokenizer, encoder_decoder, name, hidden, hf_ds_config)
+
+
+def read_embedding_rows(model: nn.Module, reader) -> Tensor:
+    """Call ``reader(weight)`` on the whole input embedding table, gathering it first if ZeRO-3
+    partitioned it (a no-op for ordinary parameters)."""
+    weight = model.get_input_embeddings().weight
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return reader(weight.data)
+
+
+class PromptedModel(nn.Module):
+    """Backbone + prompt module. The prompt is prepended to the input embeddings:
+
+    - encoder-decoder (T5): to the encoder input, with the attention mask extended;
+    - decoder-only (LLaMA): to the whole sequence (input then target), with -100 labels over the
+      prompt and the input, and position ids that skip padding.
+    """
+
+    def __init__(self, backbone: nn.Module, prompt: nn.Module, is_encoder_decoder: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.prompt = prompt
+        self.is_encoder_decoder = is_encoder_decoder
+
+    def prepend(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
+        embeds = self.backbone.get_input_embeddings()(input_ids)
+        batch = input_ids.shape[0]
+        rows = prompt_rows.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        prompt_mask = attention_mask.new_ones(batch, prompt_rows.shape[0])
+        mask = torch.cat([prompt_mask, attention_mask], dim=1)
+        inputs = {"inputs_embeds": torch.cat([rows, embeds], dim=1), "attention_mask": mask}
+        if not self.is_encoder_decoder:
+            inputs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        return inputs
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor):
+        prompt_rows, decision = self.prompt()
+        inputs = self.prepend(prompt_rows, input_ids, attention_mask)
+        if not self.is_encoder_decoder:
+            ignore = labels.new_full((labels.shape[0], prompt_rows.shape[0]), -100)
+            labels = torch.cat([ignore, labels], dim=1)
+        output = self.backbone(**inputs, labels=labels)
+        return output.loss, decision
+
+    @torch.no_grad()
+    def generate(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, synced: bool):
+        """Greedy generation with a given (frozen) prompt; returns only the new tokens.
+
+        Decoder-only inputs must be left-padded. ``synced`` keeps ZeRO-3 ranks stepping
+        together until all are done (a rank that stops early would hang the others)."""
+        inputs = self.prepend(prompt_rows, input_ids, attention_mask)
+        if not self.is_encoder_decoder:
+            inputs.pop("position_ids")  # generate derives them from the attention mask
+        return self.backbone.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced
+        )

@@ -1,0 +1,301 @@
+"""Every option of a run, in one place: dataclasses filled from YAML and ``key=value`` overrides.
+
+The defaults are the *embedded default*: a tiny T5 built from a config and the built-in task
+suite, small enough to run both stages on 2 CPU cores in minutes. Where the paper's protocol
+differs, the help text gives the paper's value; ``configs/`` holds YAML files with them.
+
+Command line: ``train.py [--config FILE.yaml] [--ds_config FILE.json] [section.key=value ...]``.
+A key may omit its section when the name is unique (``target=emb_target``); values are parsed
+as YAML (``sources=[a,b]``, ``kc_weight=null``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dtvg_scale.strategies import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A bad option: raised before any model is loaded."""
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = _help(
+        "Backbone: a hub name (t5-base, meta-llama/Llama-3.2-1B), a local folder, or "
+        "'embedded:t5' / 'embedded:llama' (tiny, randomly initialised, built from a config).",
+        default="embedded:t5",
+    )
+    precision: str = _help(
+        "auto (bf16 where the accelerator supports it, fp32 on CPU), fp32 or bf16.", default="auto"
+    )
+    embedded_d_model: int = _help("Width of the embedded tiny backbone.", default=64)
+    embedded_layers: int = _help("Layers (per stack) of the embedded tiny backbone.", default=2)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"model.precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class DataArgs:
+    target: str = _help("The target task.", default="emb_target")
+    sources: list[str] = _help(
+        "Source tasks (Stage-I vectors are trained for each). Paper: mnli, qnli, qqp, sst2, squad, record.",
+        default_factory=lambda: [
+            "emb_help_a", "emb_help_b", "emb_unrel_a", "emb_unrel_b", "emb_conf_a", "emb_conf_b",
+        ],
+    )
+    seed: int = _help("Seed of the data order and of the embedded suite.", default=0)
+    max_source_length: int = _help("Input tokens kept (paper: 256).", default=256)
+    max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).", default=20)
+    max_train_samples: int | None = _help("Cap on training examples per task (null: all).", default=None)
+    embedded_train_size: int = _help("Training examples per embedded task.", default=512)
+    embedded_eval_size: int = _help("Validation and test examples per embedded task.", default=128)
+
+
+@dataclass
+class PromptArgs:
+    length: int = _help("Soft prompt tokens r (paper: 100).", default=8)
+    init_vocab_limit: int = _help("P_init rows are drawn from the first this-many token ids.", default=5000)
+    init_seed: int = _help("Seed of the P_init draw; every task shares P_init.", default=42)
+
+
+@dataclass
+class LoopArgs:
+    steps: int = _help("Optimizer steps.", default=150)
+    batch_size: int = _help("Global batch size (over ranks and accumulation).", default=32)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
+    warmup_steps: int = _help("Linear warmup steps, then linear decay to 0 (paper: 500).", default=10)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    eval_every: int = _help("Validate (and checkpoint) every this-many steps (paper: 1000).", default=50)
+    eval_batch_size: int = _help("Examples per rank per generation batch.", default=64)
+    log_every: int = _help("Write metrics and the group trace every this-many steps.", default=10)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "gradient_accumulation_steps", "eval_every", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Stage1Args(LoopArgs):
+    lr: float = _help("Prompt learning rate (paper: 0.3).", default=0.3)
+    weight_decay: float = _help("AdamW weight decay (paper: 1e-5).", default=1e-5)
+
+
+@dataclass
+class Stage2Args(LoopArgs):
+    strategies: list[str] = _help(
+        f"Stage-II strategies to run, each from the same Stage-I vectors: {', '.join(STRATEGIES)}.",
+        default_factory=lambda: list(STRATEGIES),
+    )
+    batch_size: int = _help("Global batch size (paper: 16).", default=16)
+    prompt_lr: float = _help("Target prompt learning rate (paper: 1e-3).", default=1e-2)
+    target_scale_lr: float = _help("Learning rate of the target's per-token scales (paper: 1e-3).", default=1e-2)
+    source_scale_lr: float = _help("Learning rate of the sources' per-token scales (paper: 1e-3).", default=1e-2)
+    spot_lr: float = _help("Prompt learning rate of the SPoT baseline (plain prompt tuning).", default=0.3)
+    threshold: float = _help("Sources with similarity >= threshold are candidates.", default=0.0)
+    kc_weight: float | None = _help(
+        "null: the code's rule (knowledge consistency alone); a number lambda: the paper's TS + lambda*KC.",
+        default=None,
+    )
+    max_group_size: int | None = _help("Cap on the group size (null: none).", default=None)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [s for s in self.strategies if s not in STRATEGIES]
+        if unknown:
+            raise ConfigError(f"unknown strategy {unknown[0]!r}; known strategies: {', '.join(STRATEGIES)}")
+        if not self.strategies:
+            raise ConfigError("stage2.strategies is empty")
+        if self.max_group_size is not None and self.max_group_size < 1:
+            raise ConfigError(f"stage2.max_group_size must be >= 1 or null, got {self.max_group_size}")
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = _help("Run directory: every output of the run goes below it.", default="runs/embedded")
+    stages: str = _help("all (Stage I then II), stage1, or stage2 (needs Stage-I outputs).", default="all")
+    stage1_dir: str | None = _help("Read Stage-I outputs from here instead of <output_dir>/stage1.", default=None)
+    seed: int = _help("Seed of dropout and other randomness in training.", default=0)
+    resume: bool = _help("Continue from the latest checkpoint of each run found in output_dir.", default=True)
+    keep_checkpoints: int = _help("Checkpoints kept per run (older ones are deleted).", default=1)
+    check_rank_agreement: bool = _help(
+        "Debug: compare every step's grouping decision across ranks with a collective and fail loudly on divergence.",
+        default=False,
+    )
+    progress: bool = _help("Show a progress bar (rank 0 only).", default=True)
+    stop_after: int | None = _help(
+        "Checkpoint and stop after this many optimizer steps of this invocation (to fit a job time limit); "
+        "run the same command again to continue. SIGTERM/SIGUSR1 do the same at the end of the current step.",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.stages not in ("all", "stage1", "stage2"):
+            raise ConfigError(f"run.stages must be all, stage1 or stage2, got {self.stages!r}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("run.keep_checkpoints must be >= 1")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError("run.stop_after must be >= 1 or null")
+
+
+@dataclass
+class Config:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    prompt: PromptArgs = field(default_factory=PromptArgs)
+    stage1: Stage1Args = field(default_factory=Stage1Args)
+    stage2: Stage2Args = field(default_factory=Stage2Args)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check a YAML value against a field's type, converting only where it is lossless."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):  # a single name is a one-element list
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(v, item_type, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported option type {annotation}")
+
+
+def _all_keys() -> dict[str, tuple[str, str]]:
+    """Every accepted key -> (section, field); unique bare field names are accepted too."""
+    keys: dict[str, tuple[str, str]] = {}
+    bare: dict[str, list[tuple[str, str]]] = {}
+    for section, section_cls in _section_types().items():
+        for name in _field_types(section_cls):
+            keys[f"{section}.{name}"] = (section, name)
+            bare.setdefault(name, []).append((section, name))
+    for name, places in bare.items():
+        if len(places) == 1:
+            keys.setdefault(name, places[0])
+    return keys
+
+
+def build_config(values: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from flat ``{"section.key": value}`` entries (later ones win)."""
+    known = _all_keys()
+    chosen: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
+    for key, value in (values or {}).items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
+            raise ConfigError(f"unknown option {key!r}{hint}")
+        section, name = known[key]
+        annotation = _field_types(_section_types()[section])[name]
+        chosen[section][name] = _coerce(value, annotation, f"{section}.{name}")
+    return Config(**{section: cls(**chosen[section]) for section, cls in _section_types().items()})
+
+
+def flatten_yaml(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"stage2": {"threshold": 0.1}}`` -> ``{"stage2.threshold": 0.1}``."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"a config file must hold a mapping of sections, got {type(tree).__name__}")
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and not prefix and key in SECTIONS:
+            flat.update(flatten_yaml(value, prefix=f"{full}."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        values[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+    return values
+
+
+def load_config(config_file: str | None, overrides: list[str]) -> Config:
+    values: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        values.update(flatten_yaml(yaml.safe_load(path.read_text()) or {}))
+    values.update(parse_overrides(overrides))
+    return build_config(values)
+
+
+def describe_options() -> str:
+    """The --help text: every option with its type, default and meaning."""
+    lines = []
+    for section, section_cls in _section_types().items():
+        lines.append(f"\n{section}:")
+        defaults = section_cls()
+        for f in dataclasses.fields(section_cls):
+            default = getattr(defaults, f.name)
+            annotation = str(_field_types(section_cls)[f.name]).replace("typing.", "")
+            annotation = getattr(_field_types(section_cls)[f.name], "__name__", annotation)
+            lines.append(f"  {section}.{f.name} ({annotation}, default {default!r})")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Text-to-text examples as token ids, deterministic batches per step, padding per family.
+
+The batch of optimizer step ``s`` is a pure function of (seed, s): a resumed run draws exactly
+the batches the uninterrupted run would have drawn, and every rank computes the same global
+batch and takes its own slice of it without talking to the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    source_ids: tuple[int, ...]
+    target_ids: tuple[int, ...]  # ends with eos
+    target_text: str
+
+
+def encode_examples(
+    examples: Sequence,  # objects with .source and .target strings
+    tokenizer: PreTrainedTokenizerBase,
+    is_encoder_decoder: bool,
+    max_source_length: int,
+    max_target_length: int,
+) -> list[EncodedExample]:
+    """Tokenise once. T5: the tokenizer appends eos to both sides. Decoder-only: the input keeps
+    the tokenizer's bos; the target is encoded bare and closed with eos, so the model learns
+    to stop."""
+    sources = [e.source for e in examples]
+    targets = [e.target for e in examples]
+    source_ids = tokenizer(sources, truncation=True, max_length=max_source_length)["input_ids"]
+    if is_encoder_decoder:
+        target_ids = tokenizer(targets, truncation=True, max_length=max_target_length)["input_ids"]
+    else:
+        bare = tokenizer(targets, add_special_tokens=False, truncation=True, max_length=max_target_length - 1)
+        target_ids = [ids + [tokenizer.eos_token_id] for ids in bare["input_ids"]]
+    return [EncodedExample(tuple(s), tuple(t), text) for s, t, text in zip(source_ids, target_ids, targets)]
+
+
+def _pad(rows: list[list[int]], value: int, left: bool = False) -> Tensor:
+    width = max(len(r) for r in rows)
+    padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def collate_train(batch: list[EncodedExample], pad_id: int, is_encoder_decoder: bool) -> dict[str, Tensor]:
+    if is_encoder_decoder:
+        input_rows = [list(e.source_ids) for e in batch]
+        label_rows = [list(e.target_ids) for e in batch]
+    else:  # one sequence: input then target, loss on the target only
+        input_rows = [list(e.source_ids + e.target_ids) for e in batch]
+        label_rows = [[-100] * len(e.source_ids) + list(e.target_ids) for e in batch]
+    input_ids = _pad(input_rows, pad_id)
+    attention_mask = _pad([[1] * len(r) for r in input_rows], 0)
+    labels = _pad(label_rows, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_generate(batch: list[EncodedExample], pad_id: int, is_encoder_decoder: bool) -> dict[str, Tensor]:
+    """Inputs only; decoder-only models generate after the last input token, so pad left."""
+    rows = [list(e.source_ids) for e in batch]
+    left = not is_encoder_decoder
+    return {
+        "input_ids": _pad(rows, pad_id, left=left),
+        "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=left),
+    }
+
+
+@lru_cache(maxsize=8)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(num_examples, generator=generator).tolist())
+
+
+def global_batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: consecutive slices of a stream of seeded
+    epoch permutations (an epoch boundary may fall inside a batch)."""
+    if num_examples < 1:
+        raise ValueError("no training examples")
+    start = step * batch_size
+    return [_epoch_order(num_examples, seed, pos // num_examples)[pos % num_examples] for pos in range(start, start + batch_size)]
+
+
+def rank_micro_batches(indices: list[int], rank: int, world_size: int, accumulation: int) -> list[list[int]]:
+    """This rank's micro-batches of a global batch: micro-batch m of rank r is slice (m, r)."""
+    micro = len(indices) // (world_size * accumulation)
+    return [indices[(m * world_size + rank) * micro:(m * world_size + rank + 1) * micro] for m in range(accumulation)]
+
+
+def eval_shard(num_examples: int, rank: int, world_size: int) -> tuple[list[int], list[bool]]:
+    """This rank's evaluation examples, padded (with repeats, marked False) so every rank
+    runs the same number of generation batches; ZeRO-3 hangs otherwise."""
+    mine = list(range(rank, num_examples, world_size))
+    per_rank = -(-num_examples // world_size)
+    valid = [True] * len(mine) + [False] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    return mine, valid

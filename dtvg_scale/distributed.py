@@ -1,0 +1,108 @@
+"""Process-group setup and the few collectives the engine needs.
+
+Launched by ``deepspeed`` (or torchrun) the ranks come from the environment; run as a plain
+``python`` process it becomes a world of one, so the same code path serves both.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prepare_environment() -> None:
+    """Before deepspeed is imported: pick the CPU accelerator where there is no GPU, and make a
+    lone process a world of one (deepspeed otherwise tries MPI discovery)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(
+            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        )
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistContext:
+    prepare_environment()
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        device = torch.device("cpu")
+        # Small randomly initialised models produce denormal floats, which x86 CPUs handle
+        # ~40x slower (seen: 1.0 s vs 0.024 s per tiny-T5 step); flushing them changes no result
+        # that matters and is what GPUs do in practice.
+        torch.set_flush_denormal(True)
+        # Ranks sharing a machine would otherwise each use every core and oversubscribe them.
+        if "OMP_NUM_THREADS" not in os.environ:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    else:
+        accelerator.set_device(local_rank)
+        device = torch.device(accelerator.device_name(local_rank))
+    return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_ranks_equal(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` is identical on every rank (one all-gather)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def on_main_then_all(fn):
+    """Run ``fn`` on rank 0 first (it may build files the others then read), then on the other
+    ranks. If rank 0 fails, every rank raises the same error instead of the others waiting
+    forever at a barrier rank 0 never reaches."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    error: list = [None]
+    result = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error[0] = err
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise error[0]
+    return result if dist.get_rank() == 0 else fn()

@@ -1,0 +1,395 @@
+"""The thin engine: a DeepSpeed config resolved for one run, the engine around a prompted
+backbone, and the training loop (progress, metrics, group trace, evaluation, checkpoints).
+
+One ``PromptRun`` trains one prompt module (a Stage-I prompt or a Stage-II strategy) and writes
+everything it produces below its own folder:
+
+- ``metrics.jsonl``: step, loss, lr, group size, and validation scores at evaluation steps;
+- ``group_trace.jsonl`` (Stage II): every step's similarities, KC and selected sources;
+- ``best_prompt.safetensors``: the best-validation prompt (P* or P_mix), frozen;
+- ``checkpoints/``: DeepSpeed checkpoints in safetensors (trainable state, optimizer, step);
+- ``result.json``: validation and test scores of the best prompt, written last: a run with a
+  result is complete and is skipped when the job is started again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from dtvg_scale.backbone import Backbone, PromptedModel
+from dtvg_scale.checkpoint import SafetensorsCheckpointEngine, load_tensors, save_tensors
+from dtvg_scale.config import ConfigError, LoopArgs
+from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
+from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
+from dtvg_scale.evaluate import evaluate
+from dtvg_scale.grouping import GroupDecision
+
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, ranks that disagree)."""
+
+
+class RunStopped(RuntimeError):
+    """Training stopped early on request (SIGTERM or run.stop_after), after a checkpoint."""
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1 (what slurm sends before a time limit or preemption): the loop
+    checkpoints at the end of the current step and stops, instead of dying mid-step."""
+
+    requested = False
+    steps_done = 0  # optimizer steps taken by this process, over all runs
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            cls.requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+_STOP = _StopFlag
+install_stop_handlers = _StopFlag.install
+
+
+# ---------------------------------------------------------------- DeepSpeed config
+
+
+def load_ds_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"DeepSpeed config not found: {file}")
+    try:
+        config = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"DeepSpeed config {file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {file} must be a JSON object")
+    for owned in ("optimizer", "scheduler"):
+        if owned in config:
+            raise ConfigError(
+                f"DeepSpeed config {file} sets '{owned}'; dtvg_scale builds its own (AdamW with one parameter "
+                f"group per trainable tensor and a linear schedule): remove that section"
+            )
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"DeepSpeed config {file}: zero_optimization.stage must be 0-3, got {stage!r}")
+    return config
+
+
+def bf16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    return accelerator.device_name() != "cpu" and accelerator.is_bf16_supported()
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and bf16_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_ds_config(
+    raw: dict, loop: LoopArgs, world_size: int, dtype: torch.dtype, largest_trainable: int
+) -> dict:
+    """Fill every ``"auto"`` of a DeepSpeed config for one run.
+
+    ``largest_trainable`` is the numel of the biggest trainable tensor: ZeRO-3 keeps tensors up
+    to ``stage3_param_persistence_threshold`` whole on every rank, so the threshold is set just
+    there: the prompt and scales stay replicated while every larger (frozen) tensor is sharded.
+    """
+    config = copy.deepcopy(raw)
+    per_step = world_size * loop.gradient_accumulation_steps
+    if loop.batch_size % per_step:
+        raise ConfigError(
+            f"batch size {loop.batch_size} is not divisible by world size {world_size} x "
+            f"gradient accumulation {loop.gradient_accumulation_steps}"
+        )
+    config["train_micro_batch_size_per_gpu"] = loop.batch_size // per_step
+    config["gradient_accumulation_steps"] = loop.gradient_accumulation_steps
+    config["train_batch_size"] = loop.batch_size
+    config["bf16"] = {**config.get("bf16", {}), "enabled": dtype == torch.bfloat16}
+    if config.get("fp16", {}).get("enabled") is True:
+        raise ConfigError("fp16 is not supported (prompt tuning diverges in fp16); use bf16")
+    config.setdefault("steps_per_print", 10**9)
+    config.setdefault("wall_clock_breakdown", False)
+    zero = config.setdefault("zero_optimization", {})
+    for key, value in list(zero.items()):
+        if value == "auto":
+            if key == "stage3_param_persistence_threshold":
+                zero[key] = largest_trainable
+            else:
+                raise ConfigError(f"DeepSpeed config: cannot resolve zero_optimization.{key}='auto'")
+    if "offload_optimizer" in zero:
+        config["zero_force_ds_cpu_optimizer"] = False  # a torch AdamW over a few KB is fine on CPU
+    return config
+
+
+# ---------------------------------------------------------------- engine
+
+
+def check_trainable(model: PromptedModel) -> list[nn.Parameter]:
+    """Only the prompt module trains: anything else trainable, or nothing, is a setup error."""
+    leaked = [name for name, p in model.backbone.named_parameters() if p.requires_grad]
+    if leaked:
+        raise ConfigError(f"the backbone must be frozen, but {len(leaked)} of its parameters train (e.g. {leaked[0]})")
+    trainable = [p for p in model.prompt.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("nothing to train: the prompt module has no trainable parameter")
+    return trainable
+
+
+def build_engine(model: PromptedModel, param_groups: list[dict], loop: LoopArgs, ds_config: dict, weight_decay: float):
+    check_trainable(model)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, loop.warmup_steps, loop.steps)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine.checkpoint_engine = SafetensorsCheckpointEngine()
+    return engine
+
+
+def gathered_prompt(prompted: PromptedModel) -> tuple[Tensor, GroupDecision | None]:
+    """The prompt rows as they are now (no grad), whole even if ZeRO-3 partitioned them."""
+    params = list(prompted.prompt.parameters())
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        rows, decision = prompted.prompt()
+        return rows.detach().clone(), decision
+
+
+# ---------------------------------------------------------------- the loop
+
+
+@dataclass
+class RunSpec:
+    """What one run trains on and where it writes."""
+
+    name: str
+    out_dir: Path
+    loop: LoopArgs
+    train: list[EncodedExample]
+    validation: list[EncodedExample]
+    test: list[EncodedExample]
+    max_new_tokens: int
+    seed: int
+    source_names: tuple[str, ...] = ()
+    keep_checkpoints: int = 1
+    resume: bool = True
+    check_rank_agreement: bool = False
+    progress: bool = True
+    stop_after: int | None = None  # optimizer steps in this invocation before a checkpoint and a stop
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+class PromptRun:
+    def __init__(self, ctx: DistContext, backbone: Backbone, engine, spec: RunSpec,
+                 artifact_extra: Callable[[Tensor], dict[str, Tensor]] | None = None,
+                 artifact_meta: dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
+        self.backbone = backbone
+        self.engine = engine
+        self.spec = spec
+        self.prompted: PromptedModel = engine.module
+        self.synced_generation = ds_stage(engine) == 3 and ctx.world_size > 1
+        self.artifact_extra = artifact_extra
+        self.artifact_meta = artifact_meta or {}
+        self.checkpoint_dir = spec.out_dir / "checkpoints"
+        self.metrics_path = spec.out_dir / "metrics.jsonl"
+        self.trace_path = spec.out_dir / "group_trace.jsonl"
+        self.best_score = -math.inf
+        self.best_step = -1
+        self.best_prompt: Tensor | None = None
+        self.pending_metrics: list[dict] = []
+        self.pending_trace: list[tuple[int, GroupDecision]] = []
+
+    # -- small helpers
+    def _write_jsonl(self, path: Path, rows: list[dict]) -> None:
+        if self.ctx.is_main and rows:
+            with path.open("a") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def _flush(self) -> None:
+        """Write buffered metrics and trace. The trace stays on the device until here: one
+        transfer per log interval instead of a host sync every step."""
+        if self.pending_trace:
+            steps = [s for s, _ in self.pending_trace]
+            fields = {f: torch.stack([getattr(d, f) for _, d in self.pending_trace]).cpu().tolist()
+                      for f in ("mask", "target_sim", "kc", "num_candidates", "group_size")}
+            names = self.spec.source_names
+            rows = [
+                {
+                    "step": step,
+                    "similarity": dict(zip(names, fields["target_sim"][i])),
+                    "kc": fields["kc"][i],
+                    "candidates": fields["num_candidates"][i],
+                    "group_size": fields["group_size"][i],
+                    "group": [n for n, selected in zip(names, fields["mask"][i]) if selected],
+                }
+                for i, step in enumerate(steps)
+            ]
+            self._write_jsonl(self.trace_path, rows)
+            self.pending_trace.clear()
+        self._write_jsonl(self.metrics_path, self.pending_metrics)
+        self.pending_metrics.clear()
+
+    def _validate(self) -> tuple[float, Tensor]:
+        rows, _ = gathered_prompt(self.prompted)
+        scores = evaluate(self.prompted, rows, self.spec.validation, self.backbone.tokenizer,
+                          self.spec.loop.eval_batch_size, self.spec.max_new_tokens,
+                          self.ctx.rank, self.ctx.world_size, self.synced_generation)
+        return scores["accuracy"], rows
+
+    def _save_checkpoint(self, step: int) -> None:
+        tag = f"step{step}"
+        client_state = {"step": step, "best_score": self.best_score, "best_step": self.best_step,
+                        "best_prompt": self.best_prompt}
+        try:
+            self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state,
+                                        exclude_frozen_parameters=True)
+        except BaseException:
+            if self.ctx.is_main:  # never leave a half-written checkpoint behind
+                shutil.rmtree(self.checkpoint_dir / tag, ignore_errors=True)
+            raise
+        barrier()
+        if self.ctx.is_main:
+            tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()),
+                          key=lambda p: int(p.name.removeprefix("step")))
+            for old in tags[: -self.spec.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _try_resume(self) -> int:
+        if not (self.spec.resume and (self.checkpoint_dir / "latest").is_file()):
+            return 0
+        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), load_module_strict=False)
+        if client_state is None:
+            raise TrainingError(f"checkpoint in {self.checkpoint_dir} could not be loaded")
+        step = int(client_state["step"])
+        self.best_score, self.best_step = client_state["best_score"], client_state["best_step"]
+        self.best_prompt = client_state["best_prompt"]
+        if self.ctx.is_main:
+            _truncate_jsonl(self.metrics_path, step)
+            _truncate_jsonl(self.trace_path, step)
+        return step + 1
+
+    def _save_best(self) -> None:
+        if self.ctx.is_main and self.best_prompt is not None:
+            extra = self.artifact_extra(self.best_prompt) if self.artifact_extra else {}
+            meta = {**self.artifact_meta, "run": self.spec.name, "best_step": self.best_step,
+                    "validation_accuracy": self.best_score}
+            save_tensors(self.spec.out_dir / "best_prompt.safetensors", {"prompt": self.best_prompt, **extra}, meta)
+
+    # -- the loop
+    def train(self) -> dict[str, Any]:
+        spec, ctx, loop = self.spec, self.ctx, self.spec.loop
+        if ctx.is_main:
+            spec.out_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        start = self._try_resume()
+        if start == 0 and ctx.is_main:
+            for path in (self.metrics_path, self.trace_path):
+                path.unlink(missing_ok=True)
+        pad_id = self.backbone.tokenizer.pad_token_id
+        bar = tqdm(total=loop.steps, initial=start, desc=spec.name, disable=not (ctx.is_main and spec.progress),
+                   dynamic_ncols=True, leave=False)
+        self.engine.train()
+        for step in range(start, loop.steps):
+            # 1) the same global batch on every rank, each takes its slice; dropout seeded per
+            #    (step, rank) so a resumed run draws what the uninterrupted one would have.
+            torch.manual_seed(spec.seed * 1_000_003 + step * ctx.world_size + ctx.rank)
+            indices = global_batch_indices(len(spec.train), loop.batch_size, step, spec.seed)
+            step_loss = torch.zeros((), device=ctx.device, dtype=torch.float32)
+            decision = None
+            for micro in rank_micro_batches(indices, ctx.rank, ctx.world_size, loop.gradient_accumulation_steps):
+                batch = collate_train([spec.train[i] for i in micro], pad_id, self.prompted.is_encoder_decoder)
+                loss, micro_decision = self.engine(**{k: v.to(ctx.device) for k, v in batch.items()})
+                self.engine.backward(loss)
+                self.engine.step()
+                step_loss += loss.detach().float() / loop.gradient_accumulation_steps
+                decision = decision or micro_decision
+            # 2) one all-reduce of the loss and of "asked to stop" (SIGTERM, stop_after): every
+            #    rank sees the same values, so a NaN or a stop request stops all of them together.
+            _STOP.steps_done += 1
+            asked_to_stop = _STOP.requested or (spec.stop_after is not None and _STOP.steps_done >= spec.stop_after)
+            shared = torch.stack([step_loss, torch.tensor(float(asked_to_stop), device=step_loss.device)])
+            if ctx.world_size > 1:
+                dist.all_reduce(shared)
+            mean_loss, stop_now = (shared / torch.tensor([ctx.world_size, 1.0], device=shared.device)).tolist()
+            if not math.isfinite(mean_loss):
+                raise TrainingError(
+                    f"{spec.name}: loss is {mean_loss} at step {step}; stopping without a checkpoint "
+                    f"(the last good one is in {self.checkpoint_dir}). Lower the learning rate or use fp32."
+                )
+            if decision is not None:
+                if spec.check_rank_agreement and not all_ranks_equal(decision.mask):
+                    raise TrainingError(f"{spec.name}: ranks took different grouping decisions at step {step}")
+                self.pending_trace.append((step, decision))
+            lr = self.engine.get_lr()[0]
+            self.pending_metrics.append({"step": step, "loss": mean_loss, "lr": lr})
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{self.best_score:.3f}")
+            # 3) validate + checkpoint, and write what is buffered
+            last = step == loop.steps - 1
+            if (step + 1) % loop.eval_every == 0 or last:
+                score, rows = self._validate()
+                self.pending_metrics.append({"step": step, "validation_accuracy": score})
+                if score > self.best_score:
+                    self.best_score, self.best_step, self.best_prompt = score, step, rows
+                self._flush()
+                self._save_checkpoint(step)
+                self._save_best()
+            elif stop_now:
+                self._flush()
+                self._save_checkpoint(step)
+            elif (step + 1) % loop.log_every == 0:
+                self._flush()
+            if stop_now and not last:
+                bar.close()
+                raise RunStopped(f"{spec.name}: stopped after step {step} with a checkpoint in {self.checkpoint_dir}; "
+                                 f"run the same command again to continue")
+        bar.close()
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        last_prompt, _ = gathered_prompt(self.prompted)
+        if self.ctx.is_main:
+            save_tensors(self.spec.out_dir / "last_prompt.safetensors", {"prompt": last_prompt},
+                         {**self.artifact_meta, "run": self.spec.name, "step": self.spec.loop.steps - 1})
+        best = self.best_prompt.to(self.ctx.device)
+        test = evaluate(self.prompted, best, self.spec.test, self.backbone.tokenizer, self.spec.loop.eval_batch_size,
+                        self.spec.max_new_tokens, self.ctx.rank, self.ctx.world_size, self.synced_generation)
+        result = {"run": self.spec.name, "validation_accuracy": self.best_score, "best_step": self.best_step,
+                  "test_accuracy": test["accuracy"], "test_examples": test["examples"],
+                  "steps": self.spec.loop.steps}
+        if self.ctx.is_main:
+            (self.spec.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        barrier()
+        return result
+
+
+def ds_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())

@@ -1,0 +1,120 @@
+"""Soft prompts: the plain prompt of Stage I and the merged DTVG prompt of Stage II.
+
+Both are small ``nn.Module``s whose ``forward()`` returns the prompt rows [r, d] to prepend to
+the backbone's input embeddings, plus (Stage II) the grouping decision taken for them. They hold
+every trainable tensor of a run; the backbone stays frozen.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dtvg_scale.grouping import GroupDecision, group_scores
+from dtvg_scale.strategies import MERGING_STRATEGIES, strategy_mask
+
+
+def sample_init_prompt(embedding_weight: Tensor, length: int, vocab_limit: int = 5000, seed: int = 42) -> Tensor:
+    """P_init: ``length`` rows of the (whole, gathered) input embedding table, drawn without
+    replacement from the first ``vocab_limit`` ids with a fixed seed, so every task that uses
+    the same backbone and seed starts from the same P_init."""
+    available = min(vocab_limit, embedding_weight.shape[0])
+    if length > available:
+        raise ValueError(f"prompt length {length} exceeds the {available} embedding rows it is drawn from")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(available, generator=generator)[:length]
+    return embedding_weight[ids.to(embedding_weight.device)].detach().clone()
+
+
+def merge_prompt(
+    init_prompt: Tensor,
+    target_tv: Tensor,
+    target_scale: Tensor,
+    source_tvs: Tensor,
+    source_scales: Tensor,
+    mask: Tensor,
+) -> Tensor:
+    """``P_mix = P_init + a_t * T_t + sum_k mask_k * a_k * T_k`` with per-token scales.
+
+    Shapes: ``init_prompt``/``target_tv`` [r, d], ``target_scale`` [r], ``source_tvs`` [K, r, d],
+    ``source_scales`` [K, r], ``mask`` [K] bool. The mask multiplies the scales, so a source
+    outside the group contributes nothing and its scales get an exact zero gradient.
+    """
+    weights = source_scales * mask.to(source_scales.dtype).unsqueeze(-1)  # [K, r]
+    merged_sources = torch.einsum("kr,krd->rd", weights, source_tvs.to(weights.dtype))
+    return init_prompt + target_scale.unsqueeze(-1) * target_tv + merged_sources
+
+
+class SoftPrompt(nn.Module):
+    """A plain trainable prompt (Stage I, and the SPoT baseline)."""
+
+    def __init__(self, init_prompt: Tensor, start: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("init_prompt", init_prompt.detach().clone(), persistent=False)
+        self.prompt = nn.Parameter((init_prompt if start is None else start).detach().clone())
+
+    def forward(self) -> tuple[Tensor, GroupDecision | None]:
+        return self.prompt, None
+
+
+class DTVGPrompt(nn.Module):
+    """Stage II: the target prompt, the per-token scales and the frozen source task vectors.
+
+    Trainable: ``prompt`` (P_t, starts at the target's Stage-I prompt), ``target_scale`` [r] and
+    ``source_scales`` [K, r] (all ones at the start). Buffers: ``init_prompt`` and
+    ``source_tvs`` (inputs, not state: non-persistent, so checkpoints hold only what trains),
+    and the ``fixed_group`` strategy's first decision (persistent, so a resumed run keeps it).
+    """
+
+    def __init__(
+        self,
+        init_prompt: Tensor,
+        target_prompt: Tensor,
+        source_tvs: Tensor,
+        strategy: str = "dtvg",
+        threshold: float = 0.0,
+        kc_weight: float | None = None,
+        max_group_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if strategy not in MERGING_STRATEGIES:
+            raise ValueError(f"DTVGPrompt merges task vectors; strategy must be one of {', '.join(MERGING_STRATEGIES)}")
+        if target_prompt.shape != init_prompt.shape or source_tvs.shape[1:] != init_prompt.shape:
+            raise ValueError(
+                f"shape mismatch: P_init {tuple(init_prompt.shape)}, target prompt {tuple(target_prompt.shape)}, "
+                f"source task vectors {tuple(source_tvs.shape)} (expected [K, {init_prompt.shape[0]}, {init_prompt.shape[1]}])"
+            )
+        num_sources, length = source_tvs.shape[0], init_prompt.shape[0]
+        self.strategy = strategy
+        self.threshold = threshold
+        self.kc_weight = kc_weight
+        self.max_group_size = max_group_size
+        self.register_buffer("init_prompt", init_prompt.detach().clone(), persistent=False)
+        self.register_buffer("source_tvs", source_tvs.detach().clone(), persistent=False)
+        self.register_buffer("fixed_mask", torch.zeros(num_sources, dtype=torch.bool))
+        self.register_buffer("fixed_decided", torch.zeros((), dtype=torch.bool))
+        self.prompt = nn.Parameter(target_prompt.detach().clone())
+        self.target_scale = nn.Parameter(torch.ones(length, dtype=init_prompt.dtype))
+        self.source_scales = nn.Parameter(torch.ones(num_sources, length, dtype=init_prompt.dtype))
+
+    def decide(self) -> tuple[Tensor, GroupDecision]:
+        """The grouping decision, on detached scaled vectors; updates fixed_group's state."""
+        with torch.no_grad():
+            target_tv = self.prompt - self.init_prompt
+            scaled_target = self.target_scale.unsqueeze(-1) * target_tv
+            scaled_sources = self.source_scales.unsqueeze(-1) * self.source_tvs
+            decision = group_scores(scaled_target, scaled_sources, self.threshold, self.kc_weight, self.max_group_size)
+            mask, fixed_mask, fixed_decided = strategy_mask(
+                self.strategy, decision, self.threshold, self.fixed_mask, self.fixed_decided
+            )
+            if self.strategy == "fixed_group" and self.training:
+                self.fixed_mask.copy_(fixed_mask)
+                self.fixed_decided.copy_(fixed_decided)
+        return mask, decision._replace(mask=mask, group_size=mask.sum())
+
+    def forward(self) -> tuple[Tensor, GroupDecision]:
+        mask, decision = self.decide()
+        merged = merge_prompt(
+            self.init_prompt, self.prompt - self.init_prompt, self.target_scale, self.source_tvs, self.source_scales, mask
+        )
+        return merged, decision

@@ -1,0 +1,221 @@
+"""Stage I (a plain prompt per task) and Stage II (the target with DTVG or an ablation).
+
+Run directory layout::
+
+    <output_dir>/config.yaml, ds_config.json      resolved options
+    <output_dir>/init_prompt.safetensors           P_init, shared by every task
+    <output_dir>/stage1/<task>/                    best_prompt.safetensors (prompt, task_vector), metrics
+    <output_dir>/stage2/<strategy>/                best_prompt.safetensors (P_mix), metrics, group trace
+    <output_dir>/results.json                      the summary
+
+Each run loads the backbone afresh (ZeRO-3 partitions it as it loads) and is skipped when its
+``result.json`` exists, so a job that died is started again with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtvg_scale import tasks
+from dtvg_scale.backbone import Backbone, PromptedModel, load_backbone, read_embedding_rows, resolve_model_path
+from dtvg_scale.checkpoint import load_tensors, save_tensors
+from dtvg_scale.config import Config, ConfigError, LoopArgs
+from dtvg_scale.data import encode_examples
+from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
+from dtvg_scale.engine import PromptRun, RunSpec, build_engine, resolve_ds_config, resolve_precision
+from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
+from dtvg_scale.strategies import spot_source
+
+
+class StageError(ValueError):
+    """Stage-I outputs missing or not usable for this Stage II."""
+
+
+class Pipeline:
+    def __init__(self, ctx: DistContext, cfg: Config, raw_ds_config: dict) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.raw_ds_config = raw_ds_config
+        self.out = Path(cfg.run.output_dir)
+        self.stage1_dir = Path(cfg.run.stage1_dir) if cfg.run.stage1_dir else self.out / "stage1"
+        self.dtype = resolve_precision(cfg.model.precision)
+        tasks.check_tasks([cfg.data.target, *cfg.data.sources])
+        if cfg.data.target in cfg.data.sources:
+            raise ConfigError(f"the target {cfg.data.target!r} is also listed as a source")
+        if len(set(cfg.data.sources)) != len(cfg.data.sources):
+            raise ConfigError(f"a source is listed twice: {cfg.data.sources}")
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        # rank 0 builds (embedded) or checks the model folder, then everyone resolves it
+        self.model_path = on_main_then_all(lambda: resolve_model_path(
+            cfg.model.name_or_path, self.out.parent / ".backbones", cfg.model.embedded_d_model, cfg.model.embedded_layers
+        ))
+        self.hidden_size = _hidden_size(self.model_path)
+        self._encoded: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ shared pieces
+    def _ds_config(self, loop: LoopArgs) -> dict:
+        length, num_sources = self.cfg.prompt.length, len(self.cfg.data.sources)
+        largest = max(length * self.hidden_size, num_sources * length)
+        return resolve_ds_config(self.raw_ds_config, loop, self.ctx.world_size, self.dtype, largest)
+
+    def _load(self, loop: LoopArgs) -> tuple[Backbone, dict]:
+        ds_config = self._ds_config(loop)
+        backbone = load_backbone(self.model_path, self.cfg.model.name_or_path, ds_config, self.dtype)
+        return backbone, ds_config
+
+    def _examples(self, task: str, backbone: Backbone):
+        if task not in self._encoded:
+            splits = tasks.load_task(task, self.cfg.data)
+            encode = lambda rows: encode_examples(  # noqa: E731
+                rows, backbone.tokenizer, backbone.is_encoder_decoder,
+                self.cfg.data.max_source_length, self.cfg.data.max_target_length,
+            )
+            self._encoded[task] = (encode(splits.train), encode(splits.validation), encode(splits.test))
+        return self._encoded[task]
+
+    def init_prompt(self, backbone: Backbone) -> torch.Tensor:
+        """P_init, drawn once from the (gathered) embedding table and then read from disk."""
+        path = self.out / "init_prompt.safetensors"
+        exists = path.exists()
+        barrier()  # every rank has looked before rank 0 may write: all take the same branch
+        if not exists:  # the gather below is a collective: all ranks or none
+            p = self.cfg.prompt
+            rows = read_embedding_rows(
+                backbone.model, lambda w: sample_init_prompt(w, p.length, p.init_vocab_limit, p.init_seed)
+            )
+            if self.ctx.is_main:
+                save_tensors(path, {"init_prompt": rows.float()}, self._fingerprint())
+            barrier()
+        tensors, meta = load_tensors(path)
+        if meta != self._fingerprint():
+            raise StageError(f"{path} was drawn for {meta}, but this run asks for {self._fingerprint()}; "
+                             f"use another run.output_dir")
+        return tensors["init_prompt"]
+
+    def _fingerprint(self) -> dict[str, Any]:
+        p = self.cfg.prompt
+        return {"backbone": self.cfg.model.name_or_path, "hidden_size": self.hidden_size,
+                "length": p.length, "init_seed": p.init_seed, "init_vocab_limit": p.init_vocab_limit}
+
+    def _spec(self, name: str, out_dir: Path, loop: LoopArgs, task: str, backbone: Backbone,
+              source_names: tuple[str, ...] = ()) -> RunSpec:
+        train, validation, test = self._examples(task, backbone)
+        run = self.cfg.run
+        return RunSpec(name=name, out_dir=out_dir, loop=loop, train=train, validation=validation, test=test,
+                       max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, source_names=source_names,
+                       keep_checkpoints=run.keep_checkpoints, resume=run.resume,
+                       check_rank_agreement=run.check_rank_agreement, progress=run.progress,
+                       stop_after=run.stop_after)
+
+    def _train(self, backbone: Backbone, ds_config: dict, module: torch.nn.Module, groups: list[dict],
+               loop: LoopArgs, spec: RunSpec, **artifacts: Any) -> dict[str, Any]:
+        prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
+        engine = build_engine(prompted, groups, loop, ds_config, loop.weight_decay)
+        try:
+            return PromptRun(self.ctx, backbone, engine, spec, **artifacts).train()
+        finally:
+            engine.destroy()  # releases ZeRO-3 hooks; without it teardown can abort
+
+    @staticmethod
+    def _done(out_dir: Path) -> dict[str, Any] | None:
+        result = out_dir / "result.json"
+        return json.loads(result.read_text()) if result.is_file() else None
+
+    # ------------------------------------------------------------ Stage I
+    def stage1(self) -> dict[str, Any]:
+        results = {}
+        loop = self.cfg.stage1
+        for task in [self.cfg.data.target, *self.cfg.data.sources]:
+            out_dir = self.stage1_dir / task
+            if self.cfg.run.resume and (done := self._done(out_dir)):
+                results[task] = done
+                continue
+            backbone, ds_config = self._load(loop)
+            p_init = self.init_prompt(backbone).to(self.ctx.device)
+            module = SoftPrompt(p_init)
+            spec = self._spec(f"stage1/{task}", out_dir, loop, task, backbone)
+            groups = [{"params": [module.prompt], "lr": loop.lr, "name": "prompt"}]
+            results[task] = self._train(
+                backbone, ds_config, module, groups, loop, spec,
+                artifact_extra=lambda best, p=p_init: {"task_vector": best.float() - p.float().cpu(),
+                                                       "init_prompt": p.float().cpu()},
+                artifact_meta={**self._fingerprint(), "task": task},
+            )
+        return results
+
+    # ------------------------------------------------------------ Stage II
+    def _stage1_vectors(self, p_init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target's Stage-I prompt and the sources' prompts and task vectors, checked to
+        come from this backbone and this P_init."""
+        def read(task: str) -> dict[str, torch.Tensor]:
+            path = self.stage1_dir / task / "best_prompt.safetensors"
+            if not path.is_file():
+                raise StageError(f"no Stage-I prompt for task {task!r} at {path}; run Stage I first (run.stages=stage1)")
+            tensors, meta = load_tensors(path)
+            if "task_vector" not in tensors or "init_prompt" not in tensors:
+                raise StageError(f"{path} is not a Stage-I output (no task_vector/init_prompt)")
+            if tensors["task_vector"].shape != p_init.shape:
+                raise StageError(
+                    f"task vector of {task!r} has shape {tuple(tensors['task_vector'].shape)}, expected "
+                    f"{tuple(p_init.shape)} (prompt length x hidden size of {self.cfg.model.name_or_path})"
+                )
+            if not torch.equal(tensors["init_prompt"], p_init.float().cpu()):
+                raise StageError(
+                    f"task vector of {task!r} was trained from another P_init (backbone {meta.get('backbone')!r}, "
+                    f"init seed {meta.get('init_seed')}); every task must share this run's backbone and P_init"
+                )
+            return tensors
+
+        target = read(self.cfg.data.target)
+        sources = [read(s) for s in self.cfg.data.sources]
+        source_tvs = torch.stack([s["task_vector"] for s in sources]) if sources else p_init.new_zeros(0, *p_init.shape)
+        source_prompts = torch.stack([s["prompt"] for s in sources]) if sources else source_tvs
+        return target["prompt"], source_prompts, source_tvs
+
+    def stage2(self) -> dict[str, Any]:
+        results = {}
+        cfg, loop = self.cfg, self.cfg.stage2
+        names = tuple(cfg.data.sources)
+        for strategy in loop.strategies:
+            out_dir = self.out / "stage2" / strategy
+            if cfg.run.resume and (done := self._done(out_dir)):
+                results[strategy] = done
+                continue
+            backbone, ds_config = self._load(loop)
+            p_init = self.init_prompt(backbone).float()
+            target_prompt, source_prompts, source_tvs = self._stage1_vectors(p_init)
+            device = self.ctx.device
+            if strategy == "spot":
+                picked = int(spot_source(target_prompt, source_prompts))
+                module = SoftPrompt(p_init.to(device), start=source_prompts[picked].to(device))
+                groups = [{"params": [module.prompt], "lr": loop.spot_lr, "name": "prompt"}]
+                meta = {"strategy": strategy, "spot_source": names[picked]}
+            else:
+                module = DTVGPrompt(p_init.to(device), target_prompt.to(device), source_tvs.to(device), strategy,
+                                    loop.threshold, loop.kc_weight, loop.max_group_size)
+                groups = [
+                    {"params": [module.prompt], "lr": loop.prompt_lr, "name": "prompt"},
+                    {"params": [module.target_scale], "lr": loop.target_scale_lr, "name": "target_scale"},
+                    {"params": [module.source_scales], "lr": loop.source_scale_lr, "name": "source_scales"},
+                ]
+                meta = {"strategy": strategy}
+            spec = self._spec(f"stage2/{strategy}", out_dir, loop, cfg.data.target, backbone,
+                              source_names=names if strategy != "spot" else ())
+            results[strategy] = {**self._train(backbone, ds_config, module, groups, loop, spec,
+                                               artifact_meta={**self._fingerprint(), **meta}), **meta}
+        return results
+
+
+def _hidden_size(model_path: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    for key in ("d_model", "hidden_size", "n_embd"):
+        if hasattr(config, key):
+            return int(getattr(config, key))
+    raise ConfigError(f"cannot tell the hidden size of {model_path}")

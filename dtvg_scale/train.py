@@ -1,0 +1,153 @@
+"""Train DTVG: Stage I (a prompt per task) then Stage II (the target with DTVG and its ablations).
+
+The command (2 ranks on one machine, ZeRO-3 sharding the frozen backbone)::
+
+    deepspeed --num_gpus 2 dtvg_scale/train.py --ds_config ds_configs/zero3.json
+
+With no other argument it runs the embedded default: a tiny T5 built from a config and the
+built-in task suite (nothing is downloaded), and prints the target's score per strategy and the
+group DTVG picked over time. Options are ``section.key=value`` (``--help`` lists all), e.g.::
+
+    deepspeed dtvg_scale/train.py --ds_config ds_configs/zero3.json \\
+        model.name_or_path=embedded:llama stage2.strategies=[dtvg,all_sources] stage2.threshold=0.01
+
+On CPU-only machines set nothing: the CPU accelerator and the gloo backend are chosen
+automatically (``DS_ACCELERATOR=cpu``). On a cluster, see slurm/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (what the deepspeed launcher does): this folder would shadow top-level
+    # packages with our module names (our evaluate.py vs HF's `evaluate`), so import the
+    # package from the repository root instead.
+    _here = str(Path(__file__).resolve().parent)
+    sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _here]
+    sys.path.insert(0, str(Path(_here).parent))
+
+import argparse
+import json
+import warnings
+from typing import Any
+
+import yaml
+
+from dtvg_scale.distributed import prepare_environment
+
+prepare_environment()  # before deepspeed is imported: CPU accelerator, world of one
+
+from dtvg_scale.backbone import BackboneError  # noqa: E402
+from dtvg_scale.config import Config, ConfigError, describe_options, load_config  # noqa: E402
+from dtvg_scale.distributed import barrier, init_distributed  # noqa: E402
+from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
+from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
+from dtvg_scale.tasks import UnknownTaskError, task_relation  # noqa: E402
+
+# DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+# Mistakes of the user's, reported as one line instead of a traceback.
+USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Dynamic Task Vector Grouping: Stage I + Stage II prompt tuning on a frozen backbone.",
+        epilog="Options (section.key=value; a unique key may drop its section):\n" + describe_options(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file with options (sections as in the list below)")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON config (default: plain data parallel, ZeRO off)")
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; ignored")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def run_lengths(trace_path: Path) -> list[dict[str, Any]]:
+    """The group over time, compressed: one entry per stretch of steps with the same group."""
+    spans: list[dict[str, Any]] = []
+    if not trace_path.is_file():
+        return spans
+    for line in trace_path.read_text().splitlines():
+        row = json.loads(line)
+        if spans and spans[-1]["group"] == row["group"]:
+            spans[-1]["last_step"] = row["step"]
+        else:
+            spans.append({"first_step": row["step"], "last_step": row["step"], "group": row["group"]})
+    return spans
+
+
+def selection_share(trace_path: Path, sources: list[str]) -> dict[str, float]:
+    """Fraction of Stage-II steps in which each source was in the group."""
+    rows = [json.loads(line) for line in trace_path.read_text().splitlines()] if trace_path.is_file() else []
+    return {s: sum(s in row["group"] for row in rows) / len(rows) for s in sources} if rows else {}
+
+
+def summarize(cfg: Config, stage1: dict, stage2: dict, max_spans: int = 12) -> tuple[dict[str, Any], str]:
+    out = Path(cfg.run.output_dir)
+    trace = out / "stage2" / "dtvg" / "group_trace.jsonl"
+    spans, share = run_lengths(trace), selection_share(trace, cfg.data.sources)
+    results = {"target": cfg.data.target, "sources": cfg.data.sources, "stage1": stage1, "stage2": stage2,
+               "dtvg_group_over_time": spans, "dtvg_selection_share": share}
+    lines = [f"Target {cfg.data.target}: accuracy of the best-validation prompt"]
+    lines.append(f"  {'run':<24}{'validation':>12}{'test':>10}")
+    if cfg.data.target in stage1:
+        r = stage1[cfg.data.target]
+        lines.append(f"  {'prompt tuning (Stage I)':<24}{r['validation_accuracy']:>12.3f}{r['test_accuracy']:>10.3f}")
+    for name, r in stage2.items():
+        label = name + (f" ({r['spot_source']})" if "spot_source" in r else "")
+        lines.append(f"  {label:<24}{r['validation_accuracy']:>12.3f}{r['test_accuracy']:>10.3f}")
+    if stage1:
+        lines.append("Stage-I test accuracy per task: " + ", ".join(f"{t} {r['test_accuracy']:.3f}" for t, r in stage1.items()))
+    if share:
+        relations = {name: task_relation(name) for name in share}
+        lines.append("DTVG: share of steps each source was in the group")
+        lines += [f"  {name:<16}{fraction:>6.0%}  {relations[name]}" for name, fraction in share.items()]
+    if spans:
+        shown = spans if len(spans) <= max_spans else [spans[round(i * (len(spans) - 1) / (max_spans - 1))] for i in range(max_spans)]
+        lines.append(f"DTVG group over time ({len(spans)} stretches" + ("" if shown is spans else f", {max_spans} shown") + "):")
+        lines += [f"  steps {g['first_step']:>5}-{g['last_step']:<5} {', '.join(g['group']) or '(target only)'}" for g in shown]
+    return results, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:  # 1) everything that can be checked before a process group or a model exists
+        cfg = load_config(args.config, args.overrides)
+        raw_ds_config = load_ds_config(args.ds_config) if args.ds_config else {"zero_optimization": {"stage": 0}}
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    ctx = init_distributed()
+    install_stop_handlers()
+    out = Path(cfg.run.output_dir)
+    try:  # 2) the stages; each run inside is skipped if done and resumed if interrupted
+        pipeline = Pipeline(ctx, cfg, raw_ds_config)
+        if ctx.is_main:
+            (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            (out / "ds_config.json").write_text(json.dumps(raw_ds_config, indent=2) + "\n")
+        stage1 = pipeline.stage1() if cfg.run.stages in ("all", "stage1") else {}
+        stage2 = pipeline.stage2() if cfg.run.stages in ("all", "stage2") else {}
+    except RunStopped as stop:
+        if ctx.is_main:
+            print(str(stop), flush=True)
+        return 0
+    except USER_ERRORS as err:
+        if ctx.is_main:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    barrier()
+    if ctx.is_main:  # 3) the summary
+        results, text = summarize(cfg, stage1, stage2)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(text, flush=True)
+        print(f"Outputs: {out.resolve()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

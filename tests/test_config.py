@@ -1,0 +1,66 @@
+"""Options: one source of truth, YAML + key=value, clear errors, --help, shipped configs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dtvg_scale.config import Config, ConfigError, build_config, describe_options, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_embedded_default():
+    cfg = Config()
+    assert cfg.model.name_or_path == "embedded:t5"
+    assert cfg.data.target == "emb_target" and len(cfg.data.sources) == 6
+    assert cfg.stage2.strategies == ["dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"]
+    assert cfg.stage2.threshold == 0.0 and cfg.stage2.kc_weight is None
+
+
+def test_overrides_yaml_values_and_shorthand(tmp_path):
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("stage2:\n  threshold: 0.1\n  kc_weight: 0.5\nprompt:\n  length: 100\n")
+    cfg = load_config(str(config_file), ["stage2.threshold=0.2", "sources=[emb_help_a]", "max_group_size=2",
+                                         "run.check_rank_agreement=true"])
+    assert cfg.stage2.threshold == 0.2  # the command line wins over the file
+    assert cfg.stage2.kc_weight == 0.5 and cfg.prompt.length == 100
+    assert cfg.data.sources == ["emb_help_a"] and cfg.stage2.max_group_size == 2
+    assert cfg.run.check_rank_agreement is True
+    assert build_config({"stage2.kc_weight": None}).stage2.kc_weight is None
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"stage2.treshold": 0.1}, "did you mean stage2.threshold"),
+        ({"stage2.strategies": ["dtvg", "magic"]}, "unknown strategy 'magic'"),
+        ({"prompt.length": "long"}, "must be an integer"),
+        ({"run.resume": "yes"}, "true or false"),
+        ({"stage1.steps": 0}, "steps must be >= 1"),
+        ({"model.precision": "fp8"}, "precision"),
+        ({"steps": 3}, "unknown option 'steps'"),  # ambiguous: stage1 or stage2
+    ],
+)
+def test_bad_options_fail_with_one_clear_message(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(values)
+
+
+def test_help_documents_every_option():
+    text = describe_options()
+    for section, args in Config().to_dict().items():
+        for key in args:
+            assert f"{section}.{key} " in text
+
+
+def test_shipped_configs_parse():
+    shipped = sorted((ROOT / "configs").glob("*.yaml"))
+    assert shipped, "configs/ holds the paper's protocol"
+    for path in shipped:
+        load_config(str(path), [])
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        from dtvg_scale.engine import load_ds_config
+
+        assert load_ds_config(str(path))["zero_optimization"]["stage"] in (2, 3)
+        json.loads(path.read_text())
