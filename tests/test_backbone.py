@@ -1,0 +1,69 @@
+"""Prompt prepending for both families, padding-invariant generation, data batching."""
+
+import pytest
+import torch
+
+from dtvg_scale import embedded
+from dtvg_scale.backbone import PromptedModel, load_backbone, resolve_model_path
+from dtvg_scale.data import (collate_generate, collate_train, encode_examples, eval_shard, global_batch_indices,
+                             rank_micro_batches)
+from dtvg_scale.prompts import SoftPrompt
+
+
+@pytest.fixture(scope="module", params=["t5", "llama"])
+def prompted(request, tmp_path_factory):
+    path = resolve_model_path(f"embedded:{request.param}", tmp_path_factory.mktemp("bb"), 64, 2)
+    backbone = load_backbone(path, request.param, {}, torch.float32)
+    torch.manual_seed(0)
+    prompt = SoftPrompt(torch.randn(4, backbone.hidden_size))
+    return PromptedModel(backbone.model, prompt, backbone.is_encoder_decoder), backbone
+
+
+def test_backbone_is_frozen_and_only_the_prompt_trains(prompted):
+    model, _ = prompted
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt.prompt"]
+
+
+def test_prompt_is_prepended_with_mask_and_ignored_labels(prompted):
+    model, backbone = prompted
+    examples = encode_examples(embedded.embedded_task("emb_target", n_train=3).train, backbone.tokenizer,
+                               backbone.is_encoder_decoder, 256, 4)
+    batch = collate_train(examples, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
+    inputs = model.prepend(model.prompt.prompt, batch["input_ids"], batch["attention_mask"])
+    assert inputs["inputs_embeds"].shape[1] == batch["input_ids"].shape[1] + 4
+    assert inputs["attention_mask"][:, :4].all()
+    torch.testing.assert_close(inputs["inputs_embeds"][0, :4], model.prompt.prompt)
+    loss, _ = model(**batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.prompt.prompt.grad.abs().sum() > 0
+    if not backbone.is_encoder_decoder:  # loss only on the target: input and padding are -100
+        for example, labels in zip(examples, batch["labels"]):
+            assert (labels[: len(example.source_ids)] == -100).all()
+            assert labels[len(example.source_ids):len(example.source_ids) + len(example.target_ids)].tolist() == list(example.target_ids)
+
+
+def test_generation_does_not_depend_on_padding(prompted):
+    model, backbone = prompted
+    task = embedded.embedded_task("emb_target", n_test=6)
+    examples = encode_examples(task.test, backbone.tokenizer, backbone.is_encoder_decoder, 256, 4)
+    assert len({len(e.source_ids) for e in examples}) > 1  # different lengths, so padding happens
+    model.eval()
+    batch = collate_generate(examples, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
+    together = model.generate(model.prompt.prompt, batch["input_ids"], batch["attention_mask"], 4, synced=False)
+    for i, example in enumerate(examples):
+        alone = collate_generate([example], backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
+        single = model.generate(model.prompt.prompt, alone["input_ids"], alone["attention_mask"], 4, synced=False)
+        decode = lambda ids: backbone.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        assert decode(together[i]) == decode(single[0])
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    a = global_batch_indices(10, 4, 7, seed=3)
+    assert a == global_batch_indices(10, 4, 7, seed=3) and a != global_batch_indices(10, 4, 7, seed=4)
+    epoch = sum((global_batch_indices(10, 5, s, seed=0) for s in range(2)), [])
+    assert sorted(epoch) == list(range(10))  # one epoch visits every example once
+    micro = rank_micro_batches(list(range(8)), rank=1, world_size=2, accumulation=2)
+    assert micro == [[2, 3], [6, 7]]
+    indices, valid = eval_shard(5, rank=1, world_size=2)
+    assert indices[:2] == [1, 3] and valid == [True, True, False]
+    assert len(eval_shard(5, 0, 2)[0]) == len(indices)  # equal batch counts on every rank

@@ -1,0 +1,75 @@
+"""Bad input stops with one clear line (no traceback), early, and leaves nothing half-written.
+
+These run ``python dtvg_scale/train.py`` as one process (a world of one, ZeRO off)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["data.sources=[emb_help_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
+         "stage1.steps=4", "stage1.eval_every=2", "stage2.steps=2", "stage2.eval_every=2",
+         "stage2.strategies=[dtvg]", "data.max_target_length=4", "run.progress=false"]
+
+
+def train(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    return subprocess.run([sys.executable, "dtvg_scale/train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert message in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["stage2.strategies=[dtvg,oracle]"], "unknown strategy 'oracle'"),
+        (["data.target=rte_typo"], "unknown task 'rte_typo'"),
+        (["data.sources=[emb_help_a,nope]"], "unknown task 'nope'"),
+        (["model.name_or_path=./no/such/model"], "model path not found: ./no/such/model"),
+        (["stage2.thresold=0.1"], "did you mean stage2.threshold"),
+    ],
+)
+def test_bad_options_stop_before_training(tmp_path, args, message):
+    result = train(f"run.output_dir={tmp_path / 'run'}", *QUICK, *args)
+    assert_one_clear_error(result, message)
+    assert not (tmp_path / "run" / "stage1").exists()  # no work was started
+
+
+def test_a_deepspeed_config_with_its_own_optimizer_is_refused(tmp_path):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}},
+                                     "zero_optimization": {"stage": 3}}))
+    assert_one_clear_error(train("--ds_config", str(ds_config), f"run.output_dir={tmp_path}"), "sets 'optimizer'")
+    assert_one_clear_error(train("--ds_config", str(tmp_path / "missing.json")), "DeepSpeed config not found")
+
+
+def test_nan_loss_stops_without_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = train(f"run.output_dir={out}", *QUICK, "stage1.lr=.inf", "run.stages=stage1")
+    assert_one_clear_error(result, "loss is nan at step 1")
+    run = out / "stage1" / "emb_target"
+    assert not (run / "checkpoints").exists() and not (run / "result.json").exists()
+
+
+def test_stage1_vectors_must_match_shape_and_init_prompt(tmp_path):
+    first = tmp_path / "first"
+    ok = train(f"run.output_dir={first}", *QUICK, "run.stages=stage1")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    stage1 = f"run.stage1_dir={first / 'stage1'}"
+    other_init = train(f"run.output_dir={tmp_path / 'b'}", *QUICK, "run.stages=stage2", stage1, "prompt.init_seed=7")
+    assert_one_clear_error(other_init, "was trained from another P_init")
+    other_shape = train(f"run.output_dir={tmp_path / 'c'}", *QUICK, "run.stages=stage2", stage1, "prompt.length=4")
+    assert_one_clear_error(other_shape, "task vector of 'emb_target' has shape (8, 64), expected (4, 64)")
+    # and the matching Stage II runs from them
+    fine = train(f"run.output_dir={tmp_path / 'd'}", *QUICK, "run.stages=stage2", stage1)
+    assert fine.returncode == 0, fine.stderr[-3000:]
+    assert "dtvg" in json.loads((tmp_path / "d" / "results.json").read_text())["stage2"]
