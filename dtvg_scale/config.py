@@ -60,6 +60,18 @@ class DataArgs:
         ],
     )
     seed: int = _help("Seed of the data order and of the embedded suite.", default=0)
+    local_dir: str | None = _help(
+        "Read benchmark tasks from this folder of hub-schema JSONL files (<benchmark>/<task>/<split>.jsonl) "
+        "instead of the hub; nothing is downloaded then.",
+        default=None,
+    )
+    k_shot: int | None = _help("Few-shot: K training examples per class, class-balanced, drawn with data.seed.", default=None)
+    split_seed: int = _help("Seed of the ATTEMPT/DePT validation/test split rules (they use 42).", default=42)
+    compat_quirks: bool = _help(
+        "Reproduce the prior code's documented quirks (WinoGrande's second option never shown, STS-B rounded "
+        "to 0.1) so numbers compare with the paper's; false fixes them.",
+        default=True,
+    )
     max_source_length: int = _help("Input tokens kept (paper: 256).", default=256)
     max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).", default=20)
     max_train_samples: int | None = _help("Cap on training examples per task (null: all).", default=None)

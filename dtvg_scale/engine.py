@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from dtvg_scale.backbone import Backbone, PromptedModel
-from dtvg_scale.checkpoint import SafetensorsCheckpointEngine, load_tensors, save_tensors
+from dtvg_scale.checkpoint import SafetensorsCheckpointEngine, save_tensors
 from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
