@@ -22,7 +22,7 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import deepspeed
 import torch
@@ -36,7 +36,7 @@ from dtvg_scale.checkpoint import SafetensorsCheckpointEngine, save_tensors
 from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
-from dtvg_scale.evaluate import evaluate
+from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions
 from dtvg_scale.grouping import GroupDecision
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -189,7 +189,11 @@ class RunSpec:
     validation: list[EncodedExample]
     test: list[EncodedExample]
     max_new_tokens: int
+    validation_examples: Sequence  # the raw examples (what the scorer compares predictions with)
+    test_examples: Sequence
     seed: int
+    scorer: Scorer = accuracy_scorer  # predictions -> metrics; the best prompt maximises "mean"
+    reported_metric: str = "accuracy"
     source_names: tuple[str, ...] = ()
     keep_checkpoints: int = 1
     resume: bool = True
@@ -222,6 +226,7 @@ class PromptRun:
         self.metrics_path = spec.out_dir / "metrics.jsonl"
         self.trace_path = spec.out_dir / "group_trace.jsonl"
         self.best_score = -math.inf
+        self.best_scores: dict[str, float] = {}
         self.best_step = -1
         self.best_prompt: Tensor | None = None
         self.pending_metrics: list[dict] = []
@@ -257,17 +262,16 @@ class PromptRun:
         self._write_jsonl(self.metrics_path, self.pending_metrics)
         self.pending_metrics.clear()
 
-    def _validate(self) -> tuple[float, Tensor]:
-        rows, _ = gathered_prompt(self.prompted)
-        scores = evaluate(self.prompted, rows, self.spec.validation, self.backbone.tokenizer,
-                          self.spec.loop.eval_batch_size, self.spec.max_new_tokens,
-                          self.ctx.rank, self.ctx.world_size, self.synced_generation)
-        return scores["accuracy"], rows
+    def _score(self, prompt_rows: Tensor, encoded: list[EncodedExample], raw: Sequence) -> dict[str, float]:
+        predictions = generate_predictions(self.prompted, prompt_rows, encoded, self.backbone.tokenizer,
+                                           self.spec.loop.eval_batch_size, self.spec.max_new_tokens,
+                                           self.ctx.rank, self.ctx.world_size, self.synced_generation)
+        return self.spec.scorer(predictions, raw)
 
     def _save_checkpoint(self, step: int) -> None:
         tag = f"step{step}"
-        client_state = {"step": step, "best_score": self.best_score, "best_step": self.best_step,
-                        "best_prompt": self.best_prompt}
+        client_state = {"step": step, "best_score": self.best_score, "best_scores": self.best_scores,
+                        "best_step": self.best_step, "best_prompt": self.best_prompt}
         try:
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state,
                                         exclude_frozen_parameters=True)
@@ -290,6 +294,7 @@ class PromptRun:
             raise TrainingError(f"checkpoint in {self.checkpoint_dir} could not be loaded")
         step = int(client_state["step"])
         self.best_score, self.best_step = client_state["best_score"], client_state["best_step"]
+        self.best_scores = dict(client_state["best_scores"])
         self.best_prompt = client_state["best_prompt"]
         if self.ctx.is_main:
             _truncate_jsonl(self.metrics_path, step)
@@ -300,7 +305,7 @@ class PromptRun:
         if self.ctx.is_main and self.best_prompt is not None:
             extra = self.artifact_extra(self.best_prompt) if self.artifact_extra else {}
             meta = {**self.artifact_meta, "run": self.spec.name, "best_step": self.best_step,
-                    "validation_accuracy": self.best_score}
+                    "validation": self.best_scores}
             save_tensors(self.spec.out_dir / "best_prompt.safetensors", {"prompt": self.best_prompt, **extra}, meta)
 
     # -- the loop
@@ -355,10 +360,11 @@ class PromptRun:
             # 3) validate + checkpoint, and write what is buffered
             last = step == loop.steps - 1
             if (step + 1) % loop.eval_every == 0 or last:
-                score, rows = self._validate()
-                self.pending_metrics.append({"step": step, "validation_accuracy": score})
-                if score > self.best_score:
-                    self.best_score, self.best_step, self.best_prompt = score, step, rows
+                rows, _ = gathered_prompt(self.prompted)
+                scores = self._score(rows, spec.validation, spec.validation_examples)
+                self.pending_metrics.append({"step": step, "validation": scores})
+                if scores["mean"] > self.best_score:
+                    self.best_score, self.best_scores, self.best_step, self.best_prompt = scores["mean"], scores, step, rows
                 self._flush()
                 self._save_checkpoint(step)
                 self._save_best()
@@ -379,12 +385,11 @@ class PromptRun:
         if self.ctx.is_main:
             save_tensors(self.spec.out_dir / "last_prompt.safetensors", {"prompt": last_prompt},
                          {**self.artifact_meta, "run": self.spec.name, "step": self.spec.loop.steps - 1})
-        best = self.best_prompt.to(self.ctx.device)
-        test = evaluate(self.prompted, best, self.spec.test, self.backbone.tokenizer, self.spec.loop.eval_batch_size,
-                        self.spec.max_new_tokens, self.ctx.rank, self.ctx.world_size, self.synced_generation)
-        result = {"run": self.spec.name, "validation_accuracy": self.best_score, "best_step": self.best_step,
-                  "test_accuracy": test["accuracy"], "test_examples": test["examples"],
-                  "steps": self.spec.loop.steps}
+        test = self._score(self.best_prompt.to(self.ctx.device), self.spec.test, self.spec.test_examples)
+        result = {"run": self.spec.name, "best_step": self.best_step, "steps": self.spec.loop.steps,
+                  "reported_metric": self.spec.reported_metric, "validation": self.best_scores, "test": test,
+                  "examples": {"train": len(self.spec.train), "validation": len(self.spec.validation),
+                               "test": len(self.spec.test)}}
         if self.ctx.is_main:
             (self.spec.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         barrier()

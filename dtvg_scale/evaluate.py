@@ -1,11 +1,14 @@
-"""Generation-based evaluation: greedy decoding with a frozen prompt, exact string match.
+"""Generation-based evaluation: greedy decoding with a frozen prompt, then the task's metrics.
 
-Every rank evaluates its shard of the examples with the same number of batches (padded with
-repeats that are not counted), and the counts are summed over ranks, so the score is that of
-the whole split whatever the world size.
+Every rank generates for its shard of the examples with the same number of batches (padded with
+repeats that are not counted; ZeRO-3 hangs otherwise), the predictions are gathered in the
+examples' order, and every rank scores the whole split the same way: the score does not depend
+on the world size.
 """
 
 from __future__ import annotations
+
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -14,13 +17,18 @@ from torch import Tensor
 from dtvg_scale.backbone import PromptedModel
 from dtvg_scale.data import EncodedExample, collate_generate, eval_shard
 
+Scorer = Callable[[list[str], Sequence], dict[str, float]]  # (predictions, examples) -> metrics incl. "mean"
 
-def exact_match(prediction: str, target: str) -> bool:
-    return prediction.strip() == target.strip()
+
+def accuracy_scorer(predictions: list[str], examples: Sequence) -> dict[str, float]:
+    """Exact string match; the metric of the embedded tasks."""
+    hits = sum(p.strip() == e.target.strip() for p, e in zip(predictions, examples, strict=True))
+    accuracy = hits / max(len(examples), 1)
+    return {"accuracy": accuracy, "mean": accuracy}
 
 
 @torch.no_grad()
-def evaluate(
+def generate_predictions(
     model: PromptedModel,
     prompt_rows: Tensor,
     examples: list[EncodedExample],
@@ -30,32 +38,33 @@ def evaluate(
     rank: int,
     world_size: int,
     synced: bool,
-) -> dict[str, float]:
-    """Accuracy (exact match) of greedy generations over ``examples``, the same on all ranks."""
+) -> list[str]:
+    """Greedy generations for ``examples`` (decoded, special tokens dropped), on every rank."""
     indices, valid = eval_shard(len(examples), rank, world_size)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    mine: list[tuple[int, str]] = []
     try:
         for start in range(0, len(indices), batch_size):
-            batch = [examples[i] for i in indices[start:start + batch_size]]
-            inputs = collate_generate(batch, tokenizer.pad_token_id, model.is_encoder_decoder)
-            device = prompt_rows.device
+            chunk = indices[start:start + batch_size]
+            inputs = collate_generate([examples[i] for i in chunk], tokenizer.pad_token_id, model.is_encoder_decoder)
             generated = model.generate(
                 prompt_rows,
-                inputs["input_ids"].to(device),
-                inputs["attention_mask"].to(device),
+                inputs["input_ids"].to(prompt_rows.device),
+                inputs["attention_mask"].to(prompt_rows.device),
                 max_new_tokens=max_new_tokens,
                 synced=synced,
             )
             texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            for text, example, counted in zip(texts, batch, valid[start:start + batch_size]):
-                if counted:
-                    total += 1
-                    correct += exact_match(text, example.target_text)
+            mine += [(i, t) for i, t, ok in zip(chunk, texts, valid[start:start + batch_size], strict=True) if ok]
     finally:
         model.train(was_training)
-    counts = torch.tensor([correct, total], dtype=torch.float64, device=prompt_rows.device)
+    gathered: list = [mine]
     if world_size > 1:
-        dist.all_reduce(counts)
-    return {"accuracy": float(counts[0] / counts[1].clamp(min=1)), "examples": int(counts[1])}
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, mine)
+    predictions = [""] * len(examples)
+    for part in gathered:
+        for index, text in part:
+            predictions[index] = text.strip()
+    return predictions

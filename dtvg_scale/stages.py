@@ -68,14 +68,15 @@ class Pipeline:
         backbone = load_backbone(self.model_path, self.cfg.model.name_or_path, ds_config, self.dtype)
         return backbone, ds_config
 
-    def _examples(self, task: str, backbone: Backbone):
+    def _examples(self, task: str, backbone: Backbone) -> tuple:
+        """The task's splits, raw and tokenised (once per task)."""
         if task not in self._encoded:
             splits = tasks.load_task(task, self.cfg.data)
             encode = lambda rows: encode_examples(  # noqa: E731
                 rows, backbone.tokenizer, backbone.is_encoder_decoder,
                 self.cfg.data.max_source_length, self.cfg.data.max_target_length,
             )
-            self._encoded[task] = (encode(splits.train), encode(splits.validation), encode(splits.test))
+            self._encoded[task] = (splits, encode(splits.train), encode(splits.validation), encode(splits.test))
         return self._encoded[task]
 
     def init_prompt(self, backbone: Backbone) -> torch.Tensor:
@@ -104,9 +105,11 @@ class Pipeline:
 
     def _spec(self, name: str, out_dir: Path, loop: LoopArgs, task: str, backbone: Backbone,
               source_names: tuple[str, ...] = ()) -> RunSpec:
-        train, validation, test = self._examples(task, backbone)
+        splits, train, validation, test = self._examples(task, backbone)
         run = self.cfg.run
         return RunSpec(name=name, out_dir=out_dir, loop=loop, train=train, validation=validation, test=test,
+                       validation_examples=splits.validation, test_examples=splits.test,
+                       scorer=tasks.scorer(task), reported_metric=tasks.reported_metric(task),
                        max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, source_names=source_names,
                        keep_checkpoints=run.keep_checkpoints, resume=run.resume,
                        check_rank_agreement=run.check_rank_agreement, progress=run.progress,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dtvg_scale import embedded
 from dtvg_scale.config import DataArgs
+from dtvg_scale.evaluate import Scorer, accuracy_scorer
 
 
 class UnknownTaskError(ValueError):
@@ -45,3 +46,13 @@ def load_task(name: str, data: DataArgs) -> embedded.TaskSplits:
 def task_relation(name: str) -> str:
     """How a task relates to the embedded target ("helpful", ...); empty for other tasks."""
     return embedded.embedded_task(name, n_train=0, n_validation=0, n_test=0).relation if name in known_tasks() else ""
+
+
+def scorer(name: str) -> Scorer:
+    """predictions, examples -> the task's metrics, with "mean" (what model selection maximises)."""
+    return accuracy_scorer
+
+
+def reported_metric(name: str) -> str:
+    """The metric the paper's tables report for this task."""
+    return "accuracy"

@@ -92,16 +92,15 @@ def summarize(cfg: Config, stage1: dict, stage2: dict, max_spans: int = 12) -> t
     spans, share = run_lengths(trace), selection_share(trace, cfg.data.sources)
     results = {"target": cfg.data.target, "sources": cfg.data.sources, "stage1": stage1, "stage2": stage2,
                "dtvg_group_over_time": spans, "dtvg_selection_share": share}
-    lines = [f"Target {cfg.data.target}: accuracy of the best-validation prompt"]
+    metric = (stage1.get(cfg.data.target) or next(iter(stage2.values()), {})).get("reported_metric", "accuracy")
+    lines = [f"Target {cfg.data.target}: {metric} of the best-validation prompt"]
     lines.append(f"  {'run':<24}{'validation':>12}{'test':>10}")
-    if cfg.data.target in stage1:
-        r = stage1[cfg.data.target]
-        lines.append(f"  {'prompt tuning (Stage I)':<24}{r['validation_accuracy']:>12.3f}{r['test_accuracy']:>10.3f}")
-    for name, r in stage2.items():
-        label = name + (f" ({r['spot_source']})" if "spot_source" in r else "")
-        lines.append(f"  {label:<24}{r['validation_accuracy']:>12.3f}{r['test_accuracy']:>10.3f}")
+    rows = ([("prompt tuning (Stage I)", stage1[cfg.data.target])] if cfg.data.target in stage1 else [])
+    rows += [(name + (f" ({r['spot_source']})" if "spot_source" in r else ""), r) for name, r in stage2.items()]
+    lines += [f"  {label:<24}{r['validation'][metric]:>12.3f}{r['test'][metric]:>10.3f}" for label, r in rows]
     if stage1:
-        lines.append("Stage-I test accuracy per task: " + ", ".join(f"{t} {r['test_accuracy']:.3f}" for t, r in stage1.items()))
+        lines.append("Stage-I test score per task: " + ", ".join(
+            f"{t} {r['test'][r['reported_metric']]:.3f}" for t, r in stage1.items()))
     if share:
         relations = {name: task_relation(name) for name in share}
         lines.append("DTVG: share of steps each source was in the group")
