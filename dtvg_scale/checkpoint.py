@@ -37,6 +37,7 @@ STRUCTURE_KEY = "dtvg_scale.structure"
 ALLOWED_OBJECTS = {
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",  # ZeRO-1/2 param slice mappings
 }
 ALLOWED_ENUM_MODULES = ("deepspeed.",)
 
