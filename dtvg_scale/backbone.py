@@ -10,6 +10,7 @@ module's forward gives an empty placeholder, so P_init is read inside ``Gathered
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,18 +37,21 @@ class Backbone:
     hf_ds_config: Any = None  # keeps transformers' ZeRO-3 hook alive while the model lives
 
 
-def resolve_model_path(name_or_path: str, cache_dir: Path, d_model: int, num_layers: int) -> str:
+def resolve_model_path(
+    name_or_path: str, cache_dir: Path, d_model: int, num_layers: int, corpus: list[str] | None = None
+) -> str:
     """Turn ``embedded:<family>`` into a local folder (building it once), check local paths.
 
-    Hub names are returned unchanged; transformers loads them (or from its cache)."""
+    An embedded backbone gets the word-level tokenizer of the embedded world, or, given a
+    ``corpus`` (the text of real tasks), a byte-level BPE trained on it. Hub names are returned
+    unchanged; transformers loads them (or from its cache)."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
         from dtvg_scale import embedded
 
-        family = name_or_path[len(EMBEDDED_PREFIX):]
-        if family not in ("t5", "llama"):
-            raise BackboneError(f"unknown embedded backbone {name_or_path!r}; use embedded:t5 or embedded:llama")
-        folder = cache_dir / f"embedded_{family}_d{d_model}_l{num_layers}"
-        tokenizer = embedded.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), family)
+        family = embedded_family(name_or_path)
+        vocab = "world" if corpus is None else f"bpe{zlib.crc32(chr(0).join(corpus).encode()):08x}"
+        folder = cache_dir / f"embedded_{family}_d{d_model}_l{num_layers}_{vocab}"
+        tokenizer = embedded.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), family, corpus)
         return embedded.build_tiny_backbone(folder, family, tokenizer, d_model=d_model, num_layers=num_layers)
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     path = Path(name_or_path).expanduser()
@@ -58,6 +62,20 @@ def resolve_model_path(name_or_path: str, cache_dir: Path, d_model: int, num_lay
     if looks_local:
         raise BackboneError(f"model path not found: {name_or_path}")
     return name_or_path
+
+
+def embedded_family(name_or_path: str) -> str:
+    family = name_or_path.removeprefix(EMBEDDED_PREFIX)
+    if family not in ("t5", "llama"):
+        raise BackboneError(f"unknown embedded backbone {name_or_path!r}; use embedded:t5 or embedded:llama")
+    return family
+
+
+def is_decoder_only(name_or_path: str) -> bool:
+    """Known before anything is built: embedded names say it, other models' configs do."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return embedded_family(name_or_path) == "llama"
+    return not is_encoder_decoder_config(resolve_model_path(name_or_path, Path("."), 0, 0))
 
 
 def is_encoder_decoder_config(model_path: str) -> bool:

@@ -126,9 +126,32 @@ class Stage2Args(LoopArgs):
         default=None,
     )
     max_group_size: int | None = _help("Cap on the group size (null: none).", default=None)
+    similarity: str = _help(
+        "Task-vector similarity: mean_dot (the paper), mean_cosine, flat_dot, flat_cosine, centered_sources, "
+        "centered_all, token_cosine (dtvg_scale/variants.py).",
+        default="mean_dot",
+    )
+    selection: str = _help(
+        "Group selection: greedy_prefix (the paper), exact (best TS + lambda*KC over all subsets, K <= 16; "
+        "lambda = kc_weight or 1), top_k.",
+        default="greedy_prefix",
+    )
+    top_k: int | None = _help("Group size of selection=top_k.", default=None)
+    merge: str = _help("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
+    temperature: float = _help("Softmax temperature of merge=softmax.", default=1.0)
+    scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros.", default="ones")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from dtvg_scale.variants import VARIANT_KNOBS
+
+        for knob in ("similarity", "selection", "merge", "scale_init"):
+            if getattr(self, knob) not in VARIANT_KNOBS[knob]:
+                raise ConfigError(f"unknown stage2.{knob} {getattr(self, knob)!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
+        if self.selection == "top_k" and (self.top_k is None or self.top_k < 1):
+            raise ConfigError("stage2.selection=top_k needs stage2.top_k >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("stage2.temperature must be > 0")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; known strategies: {', '.join(STRATEGIES)}")

@@ -270,15 +270,20 @@ def _world_tokens() -> list[str]:
     return [*EMBEDDED_LABELS, *EMBEDDED_TASKS, *EMBEDDED_WORDS]
 
 
-def build_tokenizer(out_dir: str | os.PathLike, family: str) -> transformers.PreTrainedTokenizerBase:
-    """Write a word-level tokenizer folder for ``family`` and return it reloaded from disk.
+def build_tokenizer(
+    out_dir: str | os.PathLike, family: str, corpus: Sequence[str] | None = None, vocab_size: int = 2000
+) -> transformers.PreTrainedTokenizerBase:
+    """Write a tokenizer folder for ``family`` and return it reloaded from disk.
 
-    Word level makes every word of the world (and each label) exactly one token. It is
-    saved through ``PreTrainedTokenizerFast`` (tokenizer.json) because in transformers 5
+    Without ``corpus``: word level over the embedded world, so every word (and each label) is
+    exactly one token. With ``corpus`` (real text, e.g. GLUE tasks on a tiny backbone): a
+    byte-level BPE of ``vocab_size`` trained on it, which round-trips any string exactly
+    (labels such as "2.4" decode back unchanged). Either is saved through
+    ``PreTrainedTokenizerFast`` (tokenizer.json) because in transformers 5
     ``T5Tokenizer(vocab_file=...)`` silently builds a broken tokenizer. Returning the
     *reloaded* tokenizer guarantees callers use exactly what ``from_pretrained`` gives.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     family = _check_family(family)
     if family == "t5":  # T5: pad 0 (also the decoder start), eos 1 appended, unk 2
@@ -294,9 +299,17 @@ def build_tokenizer(out_dir: str | os.PathLike, family: str) -> transformers.Pre
         )
         special_kwargs = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
 
-    vocab = {token: i for i, token in enumerate([*specials, *_world_tokens()])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if corpus is None:
+        vocab = {token: i for i, token in enumerate([*specials, *_world_tokens()])}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    else:  # specials first, so they keep the ids above
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(corpus, trainer)
     backend.post_processor = template
     backend.add_special_tokens(specials)  # never split, skipped by skip_special_tokens
     fast = transformers.PreTrainedTokenizerFast(

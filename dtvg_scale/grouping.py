@@ -28,7 +28,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["GroupDecision", "similarity", "group_scores", "select_group"]
+__all__ = ["GroupDecision", "similarity", "group_scores", "prefix_decision", "select_group"]
 
 
 class GroupDecision(NamedTuple):
@@ -49,13 +49,13 @@ def similarity(a: Tensor, b: Tensor) -> Tensor:
     return (a.mean(dim=-2) * b.mean(dim=-2)).mean(dim=-1)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # Prefix sums of similarities in bf16/fp16 would round away the differences that decide
     # the group, so decide in at least fp32 (fp64 stays fp64).
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_shapes(target_tv: Tensor, source_tvs: Tensor, max_group_size: int | None) -> None:
+def check_shapes(target_tv: Tensor, source_tvs: Tensor, max_group_size: int | None) -> None:
     if target_tv.dim() != 2:
         raise ValueError(f"target task vector must be [r, d], got shape {tuple(target_tv.shape)}")
     if source_tvs.dim() != 3 or source_tvs.shape[1:] != target_tv.shape:
@@ -79,10 +79,8 @@ def group_scores(
     ``target_tv`` [r, d] and ``source_tvs`` [K, r, d] are the already scaled task vectors
     (``a_t * T_t`` and ``a_k * T_k``); the caller detaches them.
     """
-    _check_shapes(target_tv, source_tvs, max_group_size)
-    dtype = _compute_dtype(source_tvs.dtype)
-    num_sources = source_tvs.shape[0]
-    device = source_tvs.device
+    check_shapes(target_tv, source_tvs, max_group_size)
+    dtype = compute_dtype(source_tvs.dtype)
 
     # 1) token means, then every similarity at once: s_k and the K x K source matrix.
     target_mean = target_tv.to(dtype).mean(dim=0)  # [d]
@@ -90,6 +88,21 @@ def group_scores(
     dim = target_mean.shape[-1]
     target_sim = source_means @ target_mean / dim  # [K]
     pair_sim = source_means @ source_means.T / dim  # [K, K]
+
+    return prefix_decision(target_sim, pair_sim, threshold, kc_weight, max_group_size)
+
+
+def prefix_decision(
+    target_sim: Tensor,
+    pair_sim: Tensor,
+    threshold: float = 0.0,
+    kc_weight: float | None = None,
+    max_group_size: int | None = None,
+) -> GroupDecision:
+    """The group along the ranking, from any similarities: ``target_sim`` [K] (each source to
+    the target) and ``pair_sim`` [K, K] (source to source). ``group_scores`` feeds it the paper's
+    similarity; ``dtvg_scale.variants`` feeds it others."""
+    dtype, device, num_sources = target_sim.dtype, target_sim.device, target_sim.shape[0]
 
     # 2) rank (stable, so ties keep the sources' order) and count candidates; the candidates
     #    are exactly the first `num_candidates` of the ranking.

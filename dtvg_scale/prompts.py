@@ -10,8 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dtvg_scale.grouping import GroupDecision, group_scores
+from dtvg_scale import variants
+from dtvg_scale.grouping import GroupDecision
+from dtvg_scale.merge import merge_prompt
 from dtvg_scale.strategies import MERGING_STRATEGIES, strategy_mask
+
+__all__ = ["DTVGPrompt", "SoftPrompt", "merge_prompt", "sample_init_prompt"]
 
 
 def sample_init_prompt(embedding_weight: Tensor, length: int, vocab_limit: int = 5000, seed: int = 42) -> Tensor:
@@ -24,25 +28,6 @@ def sample_init_prompt(embedding_weight: Tensor, length: int, vocab_limit: int =
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randperm(available, generator=generator)[:length]
     return embedding_weight[ids.to(embedding_weight.device)].detach().clone()
-
-
-def merge_prompt(
-    init_prompt: Tensor,
-    target_tv: Tensor,
-    target_scale: Tensor,
-    source_tvs: Tensor,
-    source_scales: Tensor,
-    mask: Tensor,
-) -> Tensor:
-    """``P_mix = P_init + a_t * T_t + sum_k mask_k * a_k * T_k`` with per-token scales.
-
-    Shapes: ``init_prompt``/``target_tv`` [r, d], ``target_scale`` [r], ``source_tvs`` [K, r, d],
-    ``source_scales`` [K, r], ``mask`` [K] bool. The mask multiplies the scales, so a source
-    outside the group contributes nothing and its scales get an exact zero gradient.
-    """
-    weights = source_scales * mask.to(source_scales.dtype).unsqueeze(-1)  # [K, r]
-    merged_sources = torch.einsum("kr,krd->rd", weights, source_tvs.to(weights.dtype))
-    return init_prompt + target_scale.unsqueeze(-1) * target_tv + merged_sources
 
 
 class SoftPrompt(nn.Module):
@@ -75,6 +60,12 @@ class DTVGPrompt(nn.Module):
         threshold: float = 0.0,
         kc_weight: float | None = None,
         max_group_size: int | None = None,
+        similarity: str = "mean_dot",
+        selection: str = "greedy_prefix",
+        merge: str = "sum",
+        scale_init: str = "ones",
+        top_k: int | None = None,
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         if strategy not in MERGING_STRATEGIES:
@@ -85,17 +76,24 @@ class DTVGPrompt(nn.Module):
                 f"source task vectors {tuple(source_tvs.shape)} (expected [K, {init_prompt.shape[0]}, {init_prompt.shape[1]}])"
             )
         num_sources, length = source_tvs.shape[0], init_prompt.shape[0]
+        for knob, value in (("similarity", similarity), ("selection", selection), ("merge", merge),
+                            ("scale_init", scale_init)):
+            if value not in variants.VARIANT_KNOBS[knob]:
+                raise ValueError(f"unknown {knob} {value!r}; known: {', '.join(variants.VARIANT_KNOBS[knob])}")
         self.strategy = strategy
         self.threshold = threshold
         self.kc_weight = kc_weight
         self.max_group_size = max_group_size
+        self.similarity, self.selection, self.merge_mode = similarity, selection, merge
+        self.top_k, self.temperature = top_k, temperature
         self.register_buffer("init_prompt", init_prompt.detach().clone(), persistent=False)
         self.register_buffer("source_tvs", source_tvs.detach().clone(), persistent=False)
         self.register_buffer("fixed_mask", torch.zeros(num_sources, dtype=torch.bool))
         self.register_buffer("fixed_decided", torch.zeros((), dtype=torch.bool))
         self.prompt = nn.Parameter(target_prompt.detach().clone())
-        self.target_scale = nn.Parameter(torch.ones(length, dtype=init_prompt.dtype))
-        self.source_scales = nn.Parameter(torch.ones(num_sources, length, dtype=init_prompt.dtype))
+        target_scale, source_scales = variants.init_scales(num_sources, length, scale_init, dtype=init_prompt.dtype)
+        self.target_scale = nn.Parameter(target_scale)
+        self.source_scales = nn.Parameter(source_scales)
 
     def decide(self) -> tuple[Tensor, GroupDecision]:
         """The grouping decision, on detached scaled vectors; updates fixed_group's state."""
@@ -103,7 +101,8 @@ class DTVGPrompt(nn.Module):
             target_tv = self.prompt - self.init_prompt
             scaled_target = self.target_scale.unsqueeze(-1) * target_tv
             scaled_sources = self.source_scales.unsqueeze(-1) * self.source_tvs
-            decision = group_scores(scaled_target, scaled_sources, self.threshold, self.kc_weight, self.max_group_size)
+            decision = variants.decide(scaled_target, scaled_sources, self.similarity, self.selection,
+                                       self.threshold, self.kc_weight, self.max_group_size, self.top_k)
             mask, fixed_mask, fixed_decided = strategy_mask(
                 self.strategy, decision, self.threshold, self.fixed_mask, self.fixed_decided
             )
@@ -114,7 +113,8 @@ class DTVGPrompt(nn.Module):
 
     def forward(self) -> tuple[Tensor, GroupDecision]:
         mask, decision = self.decide()
-        merged = merge_prompt(
-            self.init_prompt, self.prompt - self.init_prompt, self.target_scale, self.source_tvs, self.source_scales, mask
+        merged = variants.merge(
+            self.init_prompt, self.prompt - self.init_prompt, self.target_scale, self.source_tvs, self.source_scales,
+            mask, self.merge_mode, target_sim=decision.target_sim, temperature=self.temperature,
         )
         return merged, decision

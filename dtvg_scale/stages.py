@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from dtvg_scale import tasks
-from dtvg_scale.backbone import Backbone, PromptedModel, load_backbone, read_embedding_rows, resolve_model_path
+from dtvg_scale.backbone import (Backbone, PromptedModel, is_decoder_only, load_backbone, read_embedding_rows,
+                                 resolve_model_path)
 from dtvg_scale.checkpoint import load_tensors, save_tensors
 from dtvg_scale.config import Config, ConfigError, LoopArgs
 from dtvg_scale.data import encode_examples
@@ -43,16 +44,24 @@ class Pipeline:
         self.out = Path(cfg.run.output_dir)
         self.stage1_dir = Path(cfg.run.stage1_dir) if cfg.run.stage1_dir else self.out / "stage1"
         self.dtype = resolve_precision(cfg.model.precision)
-        tasks.check_tasks([cfg.data.target, *cfg.data.sources])
+        task_names = [cfg.data.target, *cfg.data.sources]
+        tasks.check_tasks(task_names)
         if cfg.data.target in cfg.data.sources:
             raise ConfigError(f"the target {cfg.data.target!r} is also listed as a source")
         if len(set(cfg.data.sources)) != len(cfg.data.sources):
             raise ConfigError(f"a source is listed twice: {cfg.data.sources}")
+        # 1) every task's data now, so a missing split stops the job before any training
+        self.decoder_only = on_main_then_all(lambda: is_decoder_only(cfg.model.name_or_path))
+        self.splits = {name: tasks.load_task(name, cfg.data, self.decoder_only) for name in task_names}
+        # 2) the backbone folder: rank 0 builds (embedded) or checks it, then everyone resolves it
+        corpus = None
+        if cfg.model.name_or_path.startswith("embedded:") and not all(tasks.is_embedded(n) for n in task_names):
+            corpus = [text for name in task_names for e in self.splits[name].train for text in (e.source, e.target)]
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-        # rank 0 builds (embedded) or checks the model folder, then everyone resolves it
         self.model_path = on_main_then_all(lambda: resolve_model_path(
-            cfg.model.name_or_path, self.out.parent / ".backbones", cfg.model.embedded_d_model, cfg.model.embedded_layers
+            cfg.model.name_or_path, self.out.parent / ".backbones", cfg.model.embedded_d_model,
+            cfg.model.embedded_layers, corpus,
         ))
         self.hidden_size = _hidden_size(self.model_path)
         self._encoded: dict[str, Any] = {}
@@ -71,7 +80,7 @@ class Pipeline:
     def _examples(self, task: str, backbone: Backbone) -> tuple:
         """The task's splits, raw and tokenised (once per task)."""
         if task not in self._encoded:
-            splits = tasks.load_task(task, self.cfg.data)
+            splits = self.splits[task]
             encode = lambda rows: encode_examples(  # noqa: E731
                 rows, backbone.tokenizer, backbone.is_encoder_decoder,
                 self.cfg.data.max_source_length, self.cfg.data.max_target_length,
@@ -200,7 +209,8 @@ class Pipeline:
                 meta = {"strategy": strategy, "spot_source": names[picked]}
             else:
                 module = DTVGPrompt(p_init.to(device), target_prompt.to(device), source_tvs.to(device), strategy,
-                                    loop.threshold, loop.kc_weight, loop.max_group_size)
+                                    loop.threshold, loop.kc_weight, loop.max_group_size, loop.similarity,
+                                    loop.selection, loop.merge, loop.scale_init, loop.top_k, loop.temperature)
                 groups = [
                     {"params": [module.prompt], "lr": loop.prompt_lr, "name": "prompt"},
                     {"params": [module.target_scale], "lr": loop.target_scale_lr, "name": "target_scale"},

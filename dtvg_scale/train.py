@@ -44,13 +44,14 @@ from dtvg_scale.config import Config, ConfigError, describe_options, load_config
 from dtvg_scale.distributed import barrier, init_distributed  # noqa: E402
 from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
+from dtvg_scale.benchmark_tasks import MissingSplitError  # noqa: E402
 from dtvg_scale.tasks import UnknownTaskError, task_relation  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 # Mistakes of the user's, reported as one line instead of a traceback.
-USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError)
+USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError, MissingSplitError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -134,3 +134,21 @@ def test_init_prompt_is_seeded_and_drawn_from_the_first_ids():
     assert ids.max() < 5000 and len(set(ids.tolist())) == 100
     with pytest.raises(ValueError, match="exceeds"):
         sample_init_prompt(table[:50], 100)
+
+
+def test_dtvg_prompt_uses_the_variant_knobs():
+    init = torch.zeros(1, 2)
+    target = torch.tensor([[1.0, 0.0]])
+    # a component shared by every source dominates the raw similarity; centering removes it
+    shared = torch.tensor([[0.0, 5.0]])
+    sources = torch.stack([torch.tensor([[1.0, 0.0]]) + shared, torch.tensor([[-1.0, 0.0]]) + shared])
+    raw = DTVGPrompt(init, target + shared, sources, "positive_only")
+    centered = DTVGPrompt(init, target + shared, sources, "positive_only", similarity="centered_all")
+    assert raw()[1].mask.tolist() == [True, True]
+    assert centered()[1].mask.tolist() == [True, False]
+    mean_merge = DTVGPrompt(init, target, sources, "all_sources", merge="mean", scale_init="ones")
+    torch.testing.assert_close(mean_merge()[0], target + sources.mean(dim=0))
+    zeros = DTVGPrompt(init, target, sources, "all_sources", scale_init="zeros")
+    torch.testing.assert_close(zeros()[0], target)
+    with pytest.raises(ValueError, match="unknown similarity"):
+        DTVGPrompt(init, target, sources, similarity="magic")
