@@ -75,6 +75,11 @@ class DataArgs:
     max_source_length: int = _help("Input tokens kept (paper: 256).", default=256)
     max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).", default=20)
     max_train_samples: int | None = _help("Cap on training examples per task (null: all).", default=None)
+    max_eval_samples: int | None = _help(
+        "Cap on validation and test examples per task, the first of each split (null: all; quick runs only, "
+        "not the paper's protocol).",
+        default=None,
+    )
     embedded_train_size: int = _help("Training examples per embedded task.", default=512)
     embedded_eval_size: int = _help("Validation and test examples per embedded task.", default=128)
 

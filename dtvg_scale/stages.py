@@ -56,7 +56,8 @@ class Pipeline:
         # 2) the backbone folder: rank 0 builds (embedded) or checks it, then everyone resolves it
         corpus = None
         if cfg.model.name_or_path.startswith("embedded:") and not all(tasks.is_embedded(n) for n in task_names):
-            corpus = [text for name in task_names for e in self.splits[name].train for text in (e.source, e.target)]
+            # sorted: every run over the same tasks gets the same tokenizer, whichever is the target
+            corpus = [text for name in sorted(task_names) for e in self.splits[name].train for text in (e.source, e.target)]
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.model_path = on_main_then_all(lambda: resolve_model_path(

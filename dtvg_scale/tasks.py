@@ -9,6 +9,7 @@ split stops the run with a message naming it.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 from dtvg_scale import benchmark_tasks, embedded
@@ -39,18 +40,20 @@ def load_task(name: str, data: DataArgs, decoder_only: bool = False):
     """The task's splits (``.train``, ``.validation``, ``.test`` lists of examples)."""
     check_tasks([name])
     if name in benchmark_tasks.TASK_NAMES:
-        return benchmark_tasks.load_benchmark_task(
+        splits = benchmark_tasks.load_benchmark_task(
             name, local_dir=data.local_dir, split_seed=data.split_seed, seed=data.seed, k_shot=data.k_shot,
             max_train_samples=data.max_train_samples, compat_quirks=data.compat_quirks, decoder_only=decoder_only,
         )
-    splits = embedded.embedded_task(
-        name, seed=data.seed, n_train=data.embedded_train_size,
-        n_validation=data.embedded_eval_size, n_test=data.embedded_eval_size,
-    )
-    if data.max_train_samples is not None:
-        splits = embedded.TaskSplits(
-            splits.name, splits.train[: data.max_train_samples], splits.validation, splits.test, splits.relation, splits.labels
+    else:
+        splits = embedded.embedded_task(
+            name, seed=data.seed, n_train=data.embedded_train_size,
+            n_validation=data.embedded_eval_size, n_test=data.embedded_eval_size,
         )
+        if data.max_train_samples is not None:
+            splits = dataclasses.replace(splits, train=splits.train[: data.max_train_samples])
+    if data.max_eval_samples is not None:
+        cap = data.max_eval_samples
+        splits = dataclasses.replace(splits, validation=splits.validation[:cap], test=splits.test[:cap])
     return splits
 
 
