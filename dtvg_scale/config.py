@@ -112,6 +112,12 @@ class LoopArgs:
 class Stage1Args(LoopArgs):
     lr: float = _help("Prompt learning rate (paper: 0.3).", default=0.3)
     weight_decay: float = _help("AdamW weight decay (paper: 1e-5).", default=1e-5)
+    min_score: float | None = _help(
+        "Quality gate (not in the paper): a source whose best validation score (mean of its metrics, 0..1) "
+        "stays below this is retrained with another seed, then excluded from Stage II; null: off.",
+        default=None,
+    )
+    gate_retries: int = _help("Retrainings a source below stage1.min_score gets before it is excluded.", default=1)
 
 
 @dataclass

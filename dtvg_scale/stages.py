@@ -140,26 +140,53 @@ class Pipeline:
         return json.loads(result.read_text()) if result.is_file() else None
 
     # ------------------------------------------------------------ Stage I
-    def stage1(self) -> dict[str, Any]:
-        results = {}
+    def _stage1_run(self, task: str, out_dir: Path, seed_offset: int) -> dict[str, Any]:
         loop = self.cfg.stage1
+        backbone, ds_config = self._load(loop)
+        p_init = self.init_prompt(backbone).to(self.ctx.device)
+        module = SoftPrompt(p_init)
+        spec = self._spec(f"stage1/{task}", out_dir, loop, task, backbone)
+        spec.seed += seed_offset
+        groups = [{"params": [module.prompt], "lr": loop.lr, "name": "prompt"}]
+        return self._train(
+            backbone, ds_config, module, groups, loop, spec,
+            artifact_extra=lambda best, p=p_init: {"task_vector": best.float() - p.float().cpu(),
+                                                   "init_prompt": p.float().cpu()},
+            artifact_meta={**self._fingerprint(), "task": task},
+        )
+
+    def stage1(self) -> dict[str, Any]:
+        """A prompt per task. With ``stage1.min_score``, a source whose best validation score
+        stays below it is retrained with another seed (``stage1.gate_retries`` times; the
+        rejected attempt is kept as ``<task>.attempt<N>``) and then excluded from Stage II; the
+        decisions go to ``stage1/gate.json``."""
+        results, gate = {}, self._read_gate()
+        min_score = self.cfg.stage1.min_score
         for task in [self.cfg.data.target, *self.cfg.data.sources]:
             out_dir = self.stage1_dir / task
-            if self.cfg.run.resume and (done := self._done(out_dir)):
-                results[task] = done
-                continue
-            backbone, ds_config = self._load(loop)
-            p_init = self.init_prompt(backbone).to(self.ctx.device)
-            module = SoftPrompt(p_init)
-            spec = self._spec(f"stage1/{task}", out_dir, loop, task, backbone)
-            groups = [{"params": [module.prompt], "lr": loop.lr, "name": "prompt"}]
-            results[task] = self._train(
-                backbone, ds_config, module, groups, loop, spec,
-                artifact_extra=lambda best, p=p_init: {"task_vector": best.float() - p.float().cpu(),
-                                                       "init_prompt": p.float().cpu()},
-                artifact_meta={**self._fingerprint(), "task": task},
-            )
+            result = (self.cfg.run.resume and self._done(out_dir)) or self._stage1_run(task, out_dir, 0)
+            if min_score is not None and task != self.cfg.data.target and task not in gate:
+                scores = [result["validation"]["mean"]]
+                while scores[-1] < min_score and len(scores) <= self.cfg.stage1.gate_retries:
+                    if self.ctx.is_main:
+                        out_dir.rename(out_dir.with_name(f"{task}.attempt{len(scores)}"))
+                    barrier()
+                    result = self._stage1_run(task, out_dir, seed_offset=1000 * len(scores))
+                    scores.append(result["validation"]["mean"])
+                gate[task] = {"validation_means": scores, "excluded": scores[-1] < min_score, "min_score": min_score}
+                if self.ctx.is_main:
+                    (self.stage1_dir / "gate.json").write_text(json.dumps(gate, indent=2) + "\n")
+            results[task] = {**result, **({"gate": gate[task]} if task in gate else {})}
         return results
+
+    def _read_gate(self) -> dict[str, Any]:
+        path = self.stage1_dir / "gate.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def stage2_sources(self) -> list[str]:
+        """The sources Stage II merges: all, less those the Stage-I gate excluded."""
+        excluded = {t for t, g in self._read_gate().items() if g["excluded"]}
+        return [s for s in self.cfg.data.sources if s not in excluded]
 
     # ------------------------------------------------------------ Stage II
     def _stage1_vectors(self, p_init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,7 +212,7 @@ class Pipeline:
             return tensors
 
         target = read(self.cfg.data.target)
-        sources = [read(s) for s in self.cfg.data.sources]
+        sources = [read(s) for s in self.stage2_sources()]
         source_tvs = torch.stack([s["task_vector"] for s in sources]) if sources else p_init.new_zeros(0, *p_init.shape)
         source_prompts = torch.stack([s["prompt"] for s in sources]) if sources else source_tvs
         return target["prompt"], source_prompts, source_tvs
@@ -193,7 +220,7 @@ class Pipeline:
     def stage2(self) -> dict[str, Any]:
         results = {}
         cfg, loop = self.cfg, self.cfg.stage2
-        names = tuple(cfg.data.sources)
+        names = tuple(self.stage2_sources())
         for strategy in loop.strategies:
             out_dir = self.out / "stage2" / strategy
             if cfg.run.resume and (done := self._done(out_dir)):
@@ -204,6 +231,8 @@ class Pipeline:
             target_prompt, source_prompts, source_tvs = self._stage1_vectors(p_init)
             device = self.ctx.device
             if strategy == "spot":
+                if not names:
+                    raise StageError("SPoT needs at least one source, and no source is left for Stage II")
                 picked = int(spot_source(target_prompt, source_prompts))
                 module = SoftPrompt(p_init.to(device), start=source_prompts[picked].to(device))
                 groups = [{"params": [module.prompt], "lr": loop.spot_lr, "name": "prompt"}]

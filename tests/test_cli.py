@@ -97,3 +97,17 @@ def test_zero2_resume_matches_an_uninterrupted_run(tmp_path):
 
     assert torch.equal(load_tensors(a / "last_prompt.safetensors")[0]["prompt"],
                        load_tensors(b / "last_prompt.safetensors")[0]["prompt"])
+
+
+def test_stage1_quality_gate_retrains_then_excludes_a_weak_source(tmp_path):
+    out = tmp_path / "run"
+    result = train(f"run.output_dir={out}", *QUICK, "stage1.min_score=1.01", "stage1.gate_retries=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    gate = json.loads((out / "stage1" / "gate.json").read_text())
+    assert list(gate) == ["emb_help_a"] and gate["emb_help_a"]["excluded"] is True
+    assert len(gate["emb_help_a"]["validation_means"]) == 2  # first try + one retraining
+    assert (out / "stage1" / "emb_help_a.attempt1" / "result.json").is_file()
+    trace = (out / "stage2" / "dtvg" / "group_trace.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["similarity"] == {} for line in trace)  # Stage II ran without it
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["stage1"]["emb_help_a"]["gate"]["excluded"] is True
