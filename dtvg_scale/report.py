@@ -82,7 +82,7 @@ def evaluate_run(ctx, run_dir: Path, overrides: list[str], raw_ds_config: dict, 
     if not files:
         raise ConfigError(f"no saved prompt for target {target!r} in {run_dir}")
     pipeline = Pipeline(ctx, cfg, raw_ds_config)
-    backbone, ds_config = pipeline._load(cfg.stage2)
+    backbone, ds_config = pipeline.load(cfg.stage2)
     splits = pipeline.splits[target]
     encoded = encode_examples(splits.test, backbone.tokenizer, backbone.is_encoder_decoder,
                               cfg.data.max_source_length, cfg.data.max_target_length)

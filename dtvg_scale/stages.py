@@ -73,7 +73,7 @@ class Pipeline:
         largest = max(length * self.hidden_size, num_sources * length)
         return resolve_ds_config(self.raw_ds_config, loop, self.ctx.world_size, self.dtype, largest)
 
-    def _load(self, loop: LoopArgs) -> tuple[Backbone, dict]:
+    def load(self, loop: LoopArgs) -> tuple[Backbone, dict]:
         ds_config = self._ds_config(loop)
         backbone = load_backbone(self.model_path, self.cfg.model.name_or_path, ds_config, self.dtype)
         return backbone, ds_config
@@ -142,7 +142,7 @@ class Pipeline:
     # ------------------------------------------------------------ Stage I
     def _stage1_run(self, task: str, out_dir: Path, seed_offset: int) -> dict[str, Any]:
         loop = self.cfg.stage1
-        backbone, ds_config = self._load(loop)
+        backbone, ds_config = self.load(loop)
         p_init = self.init_prompt(backbone).to(self.ctx.device)
         module = SoftPrompt(p_init)
         spec = self._spec(f"stage1/{task}", out_dir, loop, task, backbone)
@@ -226,7 +226,7 @@ class Pipeline:
             if cfg.run.resume and (done := self._done(out_dir)):
                 results[strategy] = done
                 continue
-            backbone, ds_config = self._load(loop)
+            backbone, ds_config = self.load(loop)
             p_init = self.init_prompt(backbone).float()
             target_prompt, source_prompts, source_tvs = self._stage1_vectors(p_init)
             device = self.ctx.device
