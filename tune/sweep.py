@@ -1,0 +1,259 @@
+"""Search DTVG's grouping knobs with Ray Tune; every trial is a real Stage-II run tracked in MLflow.
+
+    # on a laptop / one node: Stage I once, then 8 trials, 2 at a time
+    .venv/bin/python tune/sweep.py --out runs/sweep --num_samples 8 --max_concurrent 2 \\
+        target=rte sources=[qnli,sst2] data.local_dir=../shared/data
+    # on a running Ray cluster (slurm/tune.sbatch starts one), reusing Stage-I outputs
+    python tune/sweep.py --address auto --stage1_dir runs/rte/stage1 --out runs/sweep ...
+
+Stage I is computed once (or taken from ``--stage1_dir``) and shared by every trial; a trial is
+``train.py run.stages=stage2 stage2.strategies=[dtvg]`` with the trial's values of the searched
+options, reporting the validation score at every evaluation. Search: Optuna (TPE) with ASHA
+early stopping on that score, or a grid (``--search grid``). Searched: ``stage2.threshold``,
+``stage2.kc_weight`` (λ, with "kc_only" for the authors' rule), ``stage2.max_group_size``, the
+two scale learning rates, and with ``--variants`` the similarity, selection and merge variants.
+Each trial is an MLflow run (Ray's MLflowLoggerCallback: FINISHED, FAILED or stopped by ASHA and
+then FINISHED, never left RUNNING) under one experiment per sweep, with its run folder (group
+trace, heatmap, prompts) as artifacts; the best trial is tagged ``best_trial=true``, and its
+complete config is written to ``<out>/best_config.yaml``, ready for
+``train.py --config <out>/best_config.yaml``.
+
+Trials of one rank run in the Tune worker process itself (a process group of one);
+``--ranks_per_trial N`` runs each trial on N ranks through Ray Train's TorchTrainer (Train V2: a
+driver function per trial) with DeepSpeed inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+from dtvg_scale.config import ConfigError, load_config  # noqa: E402
+
+KC_ONLY, NO_CAP = "kc_only", "none"  # categorical stand-ins for null (the authors' rule / no cap)
+
+
+def search_space(search: str, variants: bool) -> dict[str, Any]:
+    from ray import tune
+
+    if search == "grid":
+        space = {
+            "stage2.threshold": tune.grid_search([0.0, 0.05]),
+            "stage2.kc_weight": tune.grid_search([KC_ONLY, 1.0]),
+        }
+    else:
+        space = {
+            "stage2.threshold": tune.uniform(-0.05, 0.5),
+            "stage2.kc_weight": tune.choice([KC_ONLY, 0.25, 0.5, 1.0, 2.0, 4.0]),
+            "stage2.max_group_size": tune.choice([NO_CAP, 1, 2, 3, 4]),
+            "stage2.source_scale_lr": tune.loguniform(1e-4, 1e-1),
+            "stage2.target_scale_lr": tune.loguniform(1e-4, 1e-1),
+        }
+    if variants:
+        from dtvg_scale.variants import VARIANT_KNOBS
+
+        space["stage2.similarity"] = tune.choice(list(VARIANT_KNOBS["similarity"]))
+        space["stage2.merge"] = tune.choice(list(VARIANT_KNOBS["merge"]))
+        space["stage2.selection"] = tune.choice(["greedy_prefix", "exact"])
+    return space
+
+
+def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
+    """A trial's sampled values as train.py ``key=value`` arguments."""
+    out = []
+    for key, value in trial_config.items():
+        if value in (KC_ONLY, NO_CAP):
+            value = None
+        out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
+    """One trial: Stage II (DTVG) with the trial's options, reporting every validation to Tune.
+    Runs inside a Tune worker (one rank) or on every Ray Train worker (several ranks)."""
+    from ray import tune
+
+    from dtvg_scale.distributed import init_distributed
+    from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
+    from dtvg_scale.stages import Pipeline
+
+    trial_dir = Path(tune.get_context().get_trial_dir()) if settings["ranks"] == 1 else Path(settings["trial_dir"])
+    run_dir = trial_dir / "run"
+    if settings["ranks"] == 1:  # a process group of one, on a port of its own (trials run side by side)
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    overrides = [*settings["overrides"], *trial_overrides(trial_config), "run.stages=stage2",
+                 f"run.stage1_dir={settings['stage1_dir']}", "stage2.strategies=[dtvg]",
+                 f"run.output_dir={run_dir}", "run.progress=false"]
+    cfg = load_config(settings["config"], overrides)
+    ctx = init_distributed()
+
+    def report(step: int, scores: dict[str, float]) -> None:
+        tune.report({"validation_mean": scores["mean"], "step": step,
+                     **{f"validation_{k}": v for k, v in scores.items() if k != "mean"}})
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (trial_dir / "overrides.json").write_text(json.dumps(overrides, indent=2))
+    Pipeline(ctx, cfg, settings["ds_config"], on_evaluate=report if ctx.is_main else None).stage2()
+    if ctx.is_main:
+        trace = run_dir / "stage2" / "dtvg" / "group_trace.jsonl"
+        group_trace_heatmap(trace, trial_dir / "group_trace_heatmap.png")
+        similarity_over_time(trace, trial_dir / "similarity_over_time.png")
+
+
+def run_stage2_on_ranks(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
+    """A trial on several ranks: the trial's driver function starts a TorchTrainer whose
+    workers each run ``run_stage2`` (DeepSpeed sees Ray Train's process group)."""
+    from ray import tune
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    settings = {**settings, "trial_dir": tune.get_context().get_trial_dir()}
+    trainer = TorchTrainer(
+        lambda: run_stage2(trial_config, settings),
+        scaling_config=ScalingConfig(num_workers=settings["ranks"], use_gpu=settings["use_gpu"]),
+        torch_config=TorchConfig(backend="nccl" if settings["use_gpu"] else "gloo"),
+    )
+    trainer.fit()
+
+
+def ensure_stage1(args: argparse.Namespace, overrides: list[str]) -> Path:
+    """Stage I once for the whole sweep (skipped when its outputs exist: train.py resumes)."""
+    if args.stage1_dir:
+        return Path(args.stage1_dir).resolve()
+    stage1_run = Path(args.out).resolve() / "stage1_run"
+    command = [sys.executable, str(REPO / "dtvg_scale" / "train.py"), *(["--config", args.config] if args.config else []),
+               *(["--ds_config", args.ds_config] if args.ds_config else []), *overrides,
+               "run.stages=stage1", f"run.output_dir={stage1_run}", "run.progress=false"]
+    print(f"Stage I once for the sweep: {' '.join(command)}", flush=True)
+    subprocess.run(command, check=True, cwd=REPO)
+    return stage1_run / "stage1"
+
+
+def tag_best(tracking_uri: str, experiment: str, best_trial_name: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    for run in client.search_runs([experiment_id], filter_string=f"tags.trial_name = '{best_trial_name}'"):
+        client.set_tag(run.info.run_id, "best_trial", "true")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", required=True, help="sweep folder: Stage I, Ray results, best_config.yaml")
+    parser.add_argument("--config", help="base YAML config for train.py (the searched keys are overridden)")
+    parser.add_argument("--ds_config", help="DeepSpeed JSON config of every trial")
+    parser.add_argument("--stage1_dir", help="reuse these Stage-I outputs instead of computing them")
+    parser.add_argument("--search", choices=["optuna", "grid"], default="optuna")
+    parser.add_argument("--variants", action="store_true", help="also search similarity, selection and merge")
+    parser.add_argument("--num_samples", type=int, default=8, help="trials (with --search grid: repeats of the grid)")
+    parser.add_argument("--max_concurrent", type=int, default=2)
+    parser.add_argument("--cpus_per_trial", type=float, default=1.0)
+    parser.add_argument("--gpus_per_trial", type=float, default=0.0)
+    parser.add_argument("--ranks_per_trial", type=int, default=1)
+    parser.add_argument("--grace_period", type=int, default=1, help="ASHA: evaluations before a trial may stop")
+    parser.add_argument("--address", help="Ray cluster address ('auto' on a cluster); default: a local Ray")
+    parser.add_argument("--num_cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--tracking_uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite in --out)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: dtvg-sweep-<out name>)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    try:  # fail on bad options before Ray or Stage I start
+        load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import optuna
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dtvg_scale.engine import load_ds_config
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    stage1_dir = ensure_stage1(args, args.overrides)
+    tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
+    experiment = args.experiment or f"dtvg-sweep-{out.name}"
+    ds_config = load_ds_config(args.ds_config) if args.ds_config else {"zero_optimization": {"stage": 0}}
+    settings = {"overrides": args.overrides, "config": args.config, "stage1_dir": str(stage1_dir),
+                "ds_config": ds_config, "ranks": args.ranks_per_trial, "use_gpu": args.gpus_per_trial > 0}
+
+    if args.address:
+        ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    else:
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        def dtvg_trial(config: dict[str, Any]) -> None:
+            (run_stage2 if args.ranks_per_trial == 1 else run_stage2_on_ranks)(config, settings)
+
+        # a trial on several ranks only drives its TorchTrainer, which asks Ray for the workers
+        resources = ({"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial} if args.ranks_per_trial == 1
+                     else {"cpu": 0.1})
+        trainable = tune.with_resources(dtvg_trial, resources)
+        optuna_search = args.search == "optuna"
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(args.search, args.variants),
+            tune_config=tune.TuneConfig(
+                metric="validation_mean", mode="max", num_samples=args.num_samples,
+                max_concurrent_trials=args.max_concurrent,
+                search_alg=OptunaSearch(seed=0) if optuna_search else None,
+                scheduler=ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_period,
+                                        reduction_factor=2),
+            ),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=str(out / "ray"), verbose=0,
+                callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
+                                                save_artifact=True, tags={"sweep": str(out)})],
+            ),
+        )
+        results = tuner.fit()
+        best = results.get_best_result(metric="validation_mean", mode="max", scope="all")
+        tag_best(tracking_uri, experiment, Path(best.path).name if best.path else "")
+        best_run = Path(best.path) / "run"
+        best_config = yaml.safe_load((best_run / "config.yaml").read_text())
+        (out / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
+        summary = {"best_validation_mean": best.metrics["validation_mean"], "best_trial": Path(best.path).name,
+                   "best_values": best.config, "tracking_uri": tracking_uri, "experiment": experiment,
+                   "trials": len(results), "errors": [str(e) for e in results.errors]}
+        (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(json.dumps(summary, indent=2, default=str))
+        print(f"Best config: {out / 'best_config.yaml'}  (train.py --config {out / 'best_config.yaml'})")
+    finally:
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
