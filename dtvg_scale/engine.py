@@ -200,6 +200,9 @@ class RunSpec:
     check_rank_agreement: bool = False
     progress: bool = True
     stop_after: int | None = None  # optimizer steps in this invocation before a checkpoint and a stop
+    # called on rank 0 after each validation (and its checkpoint): (step, validation scores); a
+    # sweep reports to its scheduler here, which may stop the run
+    on_evaluate: Callable[[int, dict[str, float]], None] | None = None
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -368,6 +371,8 @@ class PromptRun:
                 self._flush()
                 self._save_checkpoint(step)
                 self._save_best()
+                if spec.on_evaluate is not None and ctx.is_main:
+                    spec.on_evaluate(step, scores)
             elif stop_now:
                 self._flush()
                 self._save_checkpoint(step)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -37,8 +37,10 @@ class StageError(ValueError):
 
 
 class Pipeline:
-    def __init__(self, ctx: DistContext, cfg: Config, raw_ds_config: dict) -> None:
+    def __init__(self, ctx: DistContext, cfg: Config, raw_ds_config: dict,
+                 on_evaluate: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.ctx = ctx
+        self.on_evaluate = on_evaluate
         self.cfg = cfg
         self.raw_ds_config = raw_ds_config
         self.out = Path(cfg.run.output_dir)
@@ -123,7 +125,7 @@ class Pipeline:
                        max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, source_names=source_names,
                        keep_checkpoints=run.keep_checkpoints, resume=run.resume,
                        check_rank_agreement=run.check_rank_agreement, progress=run.progress,
-                       stop_after=run.stop_after)
+                       stop_after=run.stop_after, on_evaluate=self.on_evaluate)
 
     def _train(self, backbone: Backbone, ds_config: dict, module: torch.nn.Module, groups: list[dict],
                loop: LoopArgs, spec: RunSpec, **artifacts: Any) -> dict[str, Any]:

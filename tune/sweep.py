@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,6 +158,30 @@ def tag_best(tracking_uri: str, experiment: str, best_trial_name: str) -> None:
         client.set_tag(run.info.run_id, "best_trial", "true")
 
 
+def new_tuner(trainable, args: argparse.Namespace, experiment: str, out: Path, tracking_uri: str):
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(args.search, args.variants),
+        tune_config=tune.TuneConfig(
+            metric="validation_mean", mode="max", num_samples=args.num_samples,
+            max_concurrent_trials=args.max_concurrent,
+            search_alg=OptunaSearch(seed=0) if args.search == "optuna" else None,
+            scheduler=ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_period,
+                                    reduction_factor=2),
+        ),
+        run_config=tune.RunConfig(
+            name=experiment, storage_path=str(out / "ray"), verbose=0,
+            callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
+                                            save_artifact=True, tags={"sweep": str(out)})],
+        ),
+    )
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -194,9 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     import optuna
     import ray
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from dtvg_scale.engine import load_ds_config
 
@@ -221,23 +243,14 @@ def main(argv: list[str] | None = None) -> int:
         resources = ({"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial} if args.ranks_per_trial == 1
                      else {"cpu": 0.1})
         trainable = tune.with_resources(dtvg_trial, resources)
-        optuna_search = args.search == "optuna"
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(args.search, args.variants),
-            tune_config=tune.TuneConfig(
-                metric="validation_mean", mode="max", num_samples=args.num_samples,
-                max_concurrent_trials=args.max_concurrent,
-                search_alg=OptunaSearch(seed=0) if optuna_search else None,
-                scheduler=ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_period,
-                                        reduction_factor=2),
-            ),
-            run_config=tune.RunConfig(
-                name=experiment, storage_path=str(out / "ray"), verbose=0,
-                callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
-                                                save_artifact=True, tags={"sweep": str(out)})],
-            ),
-        )
+        experiment_path = out / "ray" / experiment
+        if tune.Tuner.can_restore(str(experiment_path)):  # a sweep stopped earlier (time limit): go on
+            print(f"Resuming the sweep in {experiment_path}", flush=True)
+            tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
+        else:
+            tuner = new_tuner(trainable, args, experiment, out, tracking_uri)
+        # slurm's warning before the time limit: stop the way Ctrl-C does (Tune saves its state)
+        signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         results = tuner.fit()
         best = results.get_best_result(metric="validation_mean", mode="max", scope="all")
         tag_best(tracking_uri, experiment, Path(best.path).name if best.path else "")
