@@ -185,6 +185,13 @@ class RunArgs:
         default=False,
     )
     progress: bool = _help("Show a progress bar (rank 0 only).", default=True)
+    tracking: bool = _help("Log every run to MLflow (rank 0 only; never stops training if MLflow fails).", default=True)
+    tracking_uri: str | None = _help(
+        "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<parent of output_dir>/mlflow.db "
+        "(`mlflow ui` in that folder shows the runs).",
+        default=None,
+    )
+    experiment: str = _help("MLflow experiment the runs are grouped under.", default="dtvg")
     stop_after: int | None = _help(
         "Checkpoint and stop after this many optimizer steps of this invocation (to fit a job time limit); "
         "run the same command again to continue. SIGTERM/SIGUSR1 do the same at the end of the current step.",

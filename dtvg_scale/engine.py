@@ -38,6 +38,7 @@ from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices,
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
 from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions
 from dtvg_scale.grouping import GroupDecision
+from dtvg_scale.tracking import Tracker
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
@@ -216,8 +217,9 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 class PromptRun:
     def __init__(self, ctx: DistContext, backbone: Backbone, engine, spec: RunSpec,
                  artifact_extra: Callable[[Tensor], dict[str, Tensor]] | None = None,
-                 artifact_meta: dict[str, Any] | None = None) -> None:
+                 artifact_meta: dict[str, Any] | None = None, tracker: Tracker | None = None) -> None:
         self.ctx = ctx
+        self.tracker = tracker or Tracker()
         self.backbone = backbone
         self.engine = engine
         self.spec = spec
@@ -261,8 +263,17 @@ class PromptRun:
                 for i, step in enumerate(steps)
             ]
             self._write_jsonl(self.trace_path, rows)
+            for row, selected in zip(rows, fields["mask"], strict=True):
+                self.tracker.log_metrics(_trace_metrics(row, selected), step=row["step"])
             self.pending_trace.clear()
         self._write_jsonl(self.metrics_path, self.pending_metrics)
+        for row in self.pending_metrics:
+            flat = {k: v for k, v in row.items() if k not in ("step", "validation")}
+            flat.update({f"validation_{k}": v for k, v in row.get("validation", {}).items()})
+            self.tracker.log_metrics(flat, step=row["step"])
+        if self.pending_metrics:  # the scales' norms as they are now (one read per log interval)
+            self.tracker.log_metrics(_scale_norms(self.prompted.prompt, self.spec.source_names),
+                                     step=self.pending_metrics[-1]["step"])
         self.pending_metrics.clear()
 
     def _score(self, prompt_rows: Tensor, encoded: list[EncodedExample], raw: Sequence) -> dict[str, float]:
@@ -399,6 +410,33 @@ class PromptRun:
             (self.spec.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         barrier()
         return result
+
+
+def _trace_metrics(row: dict[str, Any], selected: list[bool]) -> dict[str, float]:
+    """DTVG's own signals of one step, for the tracker: each source's similarity and whether it
+    is in the group, the group's size, mean target similarity (TS) and KC. The KC is that of the
+    ranked prefix of the group's size: the group's own KC whenever the group is such a prefix
+    (dtvg, positive_only, all_sources)."""
+    sims = row["similarity"]
+    size = row["group_size"]
+    in_group = [sim for sim, chosen in zip(sims.values(), selected, strict=True) if chosen]
+    metrics = {f"similarity/{name}": value for name, value in sims.items()}
+    metrics.update({f"in_group/{name}": float(chosen) for name, chosen in zip(sims, selected, strict=True)})
+    metrics.update({"group/size": size, "group/candidates": row["candidates"],
+                    "group/target_similarity": sum(in_group) / len(in_group) if in_group else 0.0,
+                    "group/kc": row["kc"][size - 1] if size else 0.0})
+    return metrics
+
+
+def _scale_norms(prompt_module: nn.Module, source_names: tuple[str, ...]) -> dict[str, float]:
+    if not hasattr(prompt_module, "source_scales"):
+        return {}
+    params = [prompt_module.target_scale, prompt_module.source_scales]
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        norms = {"scale_norm/target": float(prompt_module.target_scale.float().norm())}
+        per_source = prompt_module.source_scales.float().norm(dim=-1).tolist()
+    norms.update({f"scale_norm/{name}": value for name, value in zip(source_names, per_source, strict=True)})
+    return norms
 
 
 def ds_stage(engine) -> int:

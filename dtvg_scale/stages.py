@@ -27,9 +27,11 @@ from dtvg_scale.checkpoint import load_tensors, save_tensors
 from dtvg_scale.config import Config, ConfigError, LoopArgs
 from dtvg_scale.data import encode_examples
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
-from dtvg_scale.engine import PromptRun, RunSpec, build_engine, resolve_ds_config, resolve_precision
+from dtvg_scale.engine import PromptRun, RunSpec, RunStopped, build_engine, resolve_ds_config, resolve_precision
+from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.strategies import spot_source
+from dtvg_scale.tracking import flatten, make_tracker
 
 
 class StageError(ValueError):
@@ -131,10 +133,39 @@ class Pipeline:
                loop: LoopArgs, spec: RunSpec, **artifacts: Any) -> dict[str, Any]:
         prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
         engine = build_engine(prompted, groups, loop, ds_config, loop.weight_decay)
+        run = self.cfg.run
+        tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
+        stage, _, name = spec.name.partition("/")
+        tracker.start(f"{Path(run.output_dir).name}/{spec.name}", flatten(self.cfg.to_dict()),
+                      tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)})
+        status = "FAILED"
         try:
-            return PromptRun(self.ctx, backbone, engine, spec, **artifacts).train()
+            result = PromptRun(self.ctx, backbone, engine, spec, tracker=tracker, **artifacts).train()
+            status = "FINISHED"
+            return result
+        except RunStopped:
+            status = "KILLED"
+            raise
         finally:
             engine.destroy()  # releases ZeRO-3 hooks; without it teardown can abort
+            if self.ctx.is_main:
+                self._log_artifacts(tracker, spec.out_dir, ds_config)
+            tracker.finish(status)
+
+    @staticmethod
+    def _log_artifacts(tracker, out_dir: Path, ds_config: dict) -> None:
+        """What a run leaves behind, as MLflow artifacts: its files, the resolved DeepSpeed
+        config, and (Stage II) the group-trace heatmap and similarity-over-time plots."""
+        if not tracker.active:
+            return
+        (out_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        trace = out_dir / "group_trace.jsonl"
+        if trace.is_file():
+            group_trace_heatmap(trace, out_dir / "group_trace_heatmap.png")
+            similarity_over_time(trace, out_dir / "similarity_over_time.png")
+        for path in sorted(out_dir.iterdir()):
+            if path.is_file():
+                tracker.log_artifact(path)
 
     @staticmethod
     def _done(out_dir: Path) -> dict[str, Any] | None:

@@ -21,7 +21,7 @@ TINY = [
     "data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=128", "data.embedded_eval_size=32",
     "stage1.steps=24", "stage1.eval_every=12", "stage1.log_every=4",
     "stage2.steps=12", "stage2.eval_every=6", "stage2.log_every=4", "stage2.batch_size=16",
-    "run.progress=false", "run.check_rank_agreement=true", "data.max_target_length=4",
+    "run.progress=false", "run.check_rank_agreement=true", "data.max_target_length=4", "run.tracking=false",
 ]
 
 
@@ -61,8 +61,9 @@ def _losses(path: Path) -> list[float]:
 @pytest.mark.parametrize("family", ["t5", "llama"])
 def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     out = tmp_path / "run"
+    tracked = ["run.tracking=true"] if family == "t5" else []  # MLflow from rank 0 of a 2-rank job
     result = launch("dtvg_scale/train.py", "--ds_config", "ds_configs/zero3.json",
-                    f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *TINY)
+                    f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *TINY, *tracked)
     _check(result)
     assert "DTVG group over time" in result.stdout and "share of steps" in result.stdout
     summary = json.loads((out / "results.json").read_text())
@@ -82,6 +83,21 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     assert all(group == fixed[0] for group in fixed)
     assert not (out / "stage2" / "spot" / "group_trace.jsonl").exists()
     assert json.loads((out / "stage2" / "target_only" / "group_trace.jsonl").read_text().splitlines()[0])["group"] == []
+    if tracked:  # one MLflow run per Stage-I task and Stage-II strategy, in sqlite beside the run folder
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("dtvg").experiment_id])
+        assert sorted(r.info.run_name for r in runs) == sorted(
+            [f"run/stage1/{t}" for t in summary["stage1"]] + [f"run/stage2/{s}" for s in summary["stage2"]])
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        dtvg = next(r for r in runs if r.info.run_name == "run/stage2/dtvg")
+        assert dtvg.data.params["stage2.threshold"] == "0.0"
+        history = client.get_metric_history(dtvg.info.run_id, "similarity/emb_help_a")
+        assert [m.step for m in history] == list(range(12))  # DTVG's signal at every step
+        assert {"group/size", "group/kc", "in_group/emb_conf_a", "scale_norm/target"} <= set(dtvg.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(dtvg.info.run_id)}
+        assert {"group_trace_heatmap.png", "similarity_over_time.png", "best_prompt.safetensors"} <= artifacts
 
 
 def test_resume_gives_the_same_prompt_as_an_uninterrupted_run(tmp_path):
