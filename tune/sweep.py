@@ -102,7 +102,8 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     overrides = [*settings["overrides"], *trial_overrides(trial_config), "run.stages=stage2",
                  f"run.stage1_dir={settings['stage1_dir']}", "stage2.strategies=[dtvg]",
-                 f"run.output_dir={run_dir}", "run.progress=false"]
+                 f"run.output_dir={run_dir}", "run.progress=false",
+                 "run.tracking=false"]  # the sweep's MLflowLoggerCallback tracks the trial
     cfg = load_config(settings["config"], overrides)
     ctx = init_distributed()
 
@@ -110,9 +111,9 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
         tune.report({"validation_mean": scores["mean"], "step": step,
                      **{f"validation_{k}": v for k, v in scores.items() if k != "mean"}})
 
-    if ctx.is_main:
+    if ctx.is_main:  # the trial's complete config: best_config.yaml is this file of the best trial
         run_dir.mkdir(parents=True, exist_ok=True)
-        (trial_dir / "overrides.json").write_text(json.dumps(overrides, indent=2))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     Pipeline(ctx, cfg, settings["ds_config"], on_evaluate=report if ctx.is_main else None).stage2()
     if ctx.is_main:
         trace = run_dir / "stage2" / "dtvg" / "group_trace.jsonl"
@@ -149,12 +150,13 @@ def ensure_stage1(args: argparse.Namespace, overrides: list[str]) -> Path:
     return stage1_run / "stage1"
 
 
-def tag_best(tracking_uri: str, experiment: str, best_trial_name: str) -> None:
+def tag_best(tracking_uri: str, experiment: str, best_trial_id: str) -> None:
+    """Tag the best trial's MLflow run (the callback names runs after the trial: <name>_<trial id>)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    for run in client.search_runs([experiment_id], filter_string=f"tags.trial_name = '{best_trial_name}'"):
+    for run in client.search_runs([experiment_id], filter_string=f"tags.trial_name LIKE '%{best_trial_id}'"):
         client.set_tag(run.info.run_id, "best_trial", "true")
 
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         results = tuner.fit()
         best = results.get_best_result(metric="validation_mean", mode="max", scope="all")
-        tag_best(tracking_uri, experiment, Path(best.path).name if best.path else "")
+        tag_best(tracking_uri, experiment, best.metrics["trial_id"])
         best_run = Path(best.path) / "run"
         best_config = yaml.safe_load((best_run / "config.yaml").read_text())
         (out / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
