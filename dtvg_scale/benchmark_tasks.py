@@ -353,7 +353,7 @@ def task_labels(name: str, compat_quirks: bool = True) -> tuple[str, ...] | None
 
 
 def _local_files(spec: TaskSpec, split: str, local_dir: str) -> tuple[list[str], str]:
-    folder = Path(local_dir).expanduser().resolve() / spec.benchmark / spec.folder
+    folder = Path(local_dir).expanduser().absolute() / spec.benchmark / spec.folder  # as given: messages name it
     single = folder / f"{split}.jsonl"
     if single.is_file():
         return [str(single)], str(single)

@@ -201,8 +201,8 @@ class RunSpec:
     check_rank_agreement: bool = False
     progress: bool = True
     stop_after: int | None = None  # optimizer steps in this invocation before a checkpoint and a stop
-    # called on rank 0 after each validation (and its checkpoint): (step, validation scores); a
-    # sweep reports to its scheduler here, which may stop the run
+    # called on every rank after each validation (and its checkpoint): (step, validation scores,
+    # the same on all ranks); a sweep reports to its scheduler here, which may stop the run
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None
 
 
@@ -382,7 +382,7 @@ class PromptRun:
                 self._flush()
                 self._save_checkpoint(step)
                 self._save_best()
-                if spec.on_evaluate is not None and ctx.is_main:
+                if spec.on_evaluate is not None:  # on every rank: a multi-rank reporter is a collective
                     spec.on_evaluate(step, scores)
             elif stop_now:
                 self._flush()

@@ -95,11 +95,19 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
     from dtvg_scale.stages import Pipeline
 
-    trial_dir = Path(tune.get_context().get_trial_dir()) if settings["ranks"] == 1 else Path(settings["trial_dir"])
+    one_rank = settings["ranks"] == 1
+    trial_dir = Path(tune.get_context().get_trial_dir()) if one_rank else Path(settings["trial_dir"])
     run_dir = trial_dir / "run"
-    if settings["ranks"] == 1:  # a process group of one, on a port of its own (trials run side by side)
+    if one_rank:  # a process group of one, on a port of its own (trials run side by side)
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    else:  # Ray Train built the process group; tell DeepSpeed which rank this worker is
+        import ray.train
+
+        context = ray.train.get_context()
+        os.environ.update({"RANK": str(context.get_world_rank()), "LOCAL_RANK": str(context.get_local_rank()),
+                           "WORLD_SIZE": str(context.get_world_size()),
+                           "LOCAL_WORLD_SIZE": str(context.get_local_world_size())})
     overrides = [*settings["overrides"], *trial_overrides(trial_config), "run.stages=stage2",
                  f"run.stage1_dir={settings['stage1_dir']}", "stage2.strategies=[dtvg]",
                  f"run.output_dir={run_dir}", "run.progress=false",
@@ -108,13 +116,19 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     ctx = init_distributed()
 
     def report(step: int, scores: dict[str, float]) -> None:
-        tune.report({"validation_mean": scores["mean"], "step": step,
-                     **{f"validation_{k}": v for k, v in scores.items() if k != "mean"}})
+        metrics = {"validation_mean": scores["mean"], "step": step,
+                   **{f"validation_{k}": v for k, v in scores.items() if k != "mean"}}
+        if one_rank:
+            tune.report(metrics)
+        else:  # every worker reports (a collective); TuneReportCallback passes rank 0's on to Tune
+            import ray.train
+
+            ray.train.report(metrics)
 
     if ctx.is_main:  # the trial's complete config: best_config.yaml is this file of the best trial
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    Pipeline(ctx, cfg, settings["ds_config"], on_evaluate=report if ctx.is_main else None).stage2()
+    Pipeline(ctx, cfg, settings["ds_config"], on_evaluate=report).stage2()
     if ctx.is_main:
         trace = run_dir / "stage2" / "dtvg" / "group_trace.jsonl"
         group_trace_heatmap(trace, trial_dir / "group_trace_heatmap.png")
@@ -125,14 +139,18 @@ def run_stage2_on_ranks(trial_config: dict[str, Any], settings: dict[str, Any]) 
     """A trial on several ranks: the trial's driver function starts a TorchTrainer whose
     workers each run ``run_stage2`` (DeepSpeed sees Ray Train's process group)."""
     from ray import tune
-    from ray.train import ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    settings = {**settings, "trial_dir": tune.get_context().get_trial_dir()}
+    trial_dir = tune.get_context().get_trial_dir()
+    settings = {**settings, "trial_dir": trial_dir}
     trainer = TorchTrainer(
         lambda: run_stage2(trial_config, settings),
         scaling_config=ScalingConfig(num_workers=settings["ranks"], use_gpu=settings["use_gpu"]),
         torch_config=TorchConfig(backend="nccl" if settings["use_gpu"] else "gloo"),
+        run_config=RunConfig(name="train", storage_path=str(Path(trial_dir).resolve()),
+                             callbacks=[TuneReportCallback()]),
     )
     trainer.fit()
 
@@ -217,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")  # trials on several ranks: Train V2's driver-per-trial API
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import optuna
     import ray
