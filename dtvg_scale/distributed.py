@@ -49,8 +49,9 @@ def init_distributed() -> DistContext:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    # Also when torch.distributed is already up (Ray Train built it): DeepSpeed then wraps that
+    # process group, and its config sees the real world size.
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
