@@ -249,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow.db'}"
     experiment = args.experiment or f"dtvg-sweep-{out.name}"
     ds_config = load_ds_config(args.ds_config) if args.ds_config else {"zero_optimization": {"stage": 0}}
+    if tracking_uri.startswith("sqlite:"):  # else MLflow puts the artifacts in ./mlruns of the current folder
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        if client.get_experiment_by_name(experiment) is None:
+            client.create_experiment(experiment, artifact_location=(out / "mlruns").as_uri())
     settings = {"overrides": args.overrides, "config": args.config, "stage1_dir": str(stage1_dir),
                 "ds_config": ds_config, "ranks": args.ranks_per_trial, "use_gpu": args.gpus_per_trial > 0}
 
