@@ -284,6 +284,8 @@ class Pipeline:
                               source_names=names if strategy != "spot" else ())
             results[strategy] = {**self._train(backbone, ds_config, module, groups, loop, spec,
                                                artifact_meta={**self._fingerprint(), **meta}), **meta}
+            if self.ctx.is_main:  # keep the strategy's facts (e.g. SPoT's source) for reruns that skip it
+                (out_dir / "result.json").write_text(json.dumps(results[strategy], indent=2) + "\n")
         return results
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from functools import partial
 
-from dtvg_scale import benchmark_tasks, embedded
+from dtvg_scale import benchmark_tasks, controlled, embedded
 from dtvg_scale.config import DataArgs
 from dtvg_scale.evaluate import Scorer, accuracy_scorer
 
@@ -22,7 +22,7 @@ class UnknownTaskError(ValueError):
 
 
 def known_tasks() -> tuple[str, ...]:
-    return embedded.EMBEDDED_TASKS + benchmark_tasks.TASK_NAMES
+    return embedded.EMBEDDED_TASKS + controlled.CONTROLLED_TASKS + benchmark_tasks.TASK_NAMES
 
 
 def is_embedded(name: str) -> bool:
@@ -45,7 +45,8 @@ def load_task(name: str, data: DataArgs, decoder_only: bool = False):
             max_train_samples=data.max_train_samples, compat_quirks=data.compat_quirks, decoder_only=decoder_only,
         )
     else:
-        splits = embedded.embedded_task(
+        make = controlled.controlled_task if name in controlled.CONTROLLED_TASKS else embedded.embedded_task
+        splits = make(
             name, seed=data.seed, n_train=data.embedded_train_size,
             n_validation=data.embedded_eval_size, n_test=data.embedded_eval_size,
         )
@@ -72,7 +73,9 @@ def reported_metric(name: str) -> str:
 
 
 def task_relation(name: str) -> str:
-    """How a task relates to the embedded target ("helpful", ...); empty for other tasks."""
+    """How a task relates to the embedded (or controlled) target ("helpful", ...); empty for other tasks."""
+    if name in controlled.CONTROLLED_TASKS:
+        return controlled.relation(name)
     if name not in embedded.EMBEDDED_TASKS:
         return ""
     return embedded.embedded_task(name, n_train=0, n_validation=0, n_test=0).relation

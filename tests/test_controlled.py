@@ -1,0 +1,66 @@
+"""Controlled benchmark (benchmarks/controlled/run.py), small setting.
+
+The world's invariants are checked directly; one end-to-end quick run (a tiny T5 pretrained
+for ~20 s, Stage I on the 7 held-out tasks, Stage II with DTVG) checks what is true of the
+grouping in that small setting (see docs/results.md: the group does not find the helpful
+sources there, so the test does not claim it does).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+from dtvg_scale import controlled, tasks
+from dtvg_scale.config import DataArgs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_world_is_registered_and_planted():
+    assert tasks.task_relation("ctl_help_a") == "helpful"
+    assert tasks.task_relation("ctl_conf_b") == "conflicting"
+    assert tasks.task_relation("emb_help_a") == "helpful"  # the embedded family still works
+    tasks.check_tasks(list(controlled.CONTROLLED_TASKS))
+    splits = tasks.load_task("ctl_target", DataArgs())
+    assert len(splits.train) == controlled.TARGET_TRAIN  # the target is few-shot
+    assert tasks.reported_metric("ctl_target") == "accuracy"
+    for name in controlled.CONTROLLED_TASKS:
+        s = controlled.controlled_task(name, n_train=64, n_validation=32, n_test=32)
+        srcs = [e.source for e in (*s.train, *s.validation, *s.test)]
+        assert len(set(srcs)) == len(srcs)  # disjoint splits
+        assert sum(e.target == "1" for e in s.train) == len(s.train) // 2  # balanced
+        d = controlled._def(name)
+        for e in s.train:
+            assert (e.target == "1") == ((d.key in e.source.split()) == d.present)
+
+
+def test_pretraining_mixture_covers_every_rule():
+    rows = controlled.pretraining_examples(2000)
+    assert {r.source.split()[0] for r in rows} == set(controlled.RULES)
+    assert not any(r.source.split()[0].startswith("ctl_") for r in rows)  # tasks are held out
+
+
+def test_quick_benchmark_dtvg_group(tmp_path):
+    out = tmp_path / "ctl"
+    cmd = [sys.executable, str(ROOT / "benchmarks/controlled/run.py"), "--out", str(out), "--quick", "--seeds", "0",
+           "--strategies", "dtvg", "--variants", "--no_wait"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backbone"]["heldout_accuracy"] >= 0.95  # the frozen backbone learned the family
+    (seed0,) = summary["group"]["dtvg"]
+    trace = seed0["trace"]
+    assert len(trace) == 40 and all(0 <= row["size"] <= 6 for row in trace)
+    # What is true in this small setting (docs/results.md): DTVG's group does NOT reliably find
+    # the planted helpful sources here (every mean_dot similarity is close to every other: a
+    # component all task vectors share dominates). What holds: the helpful sources are on
+    # average more similar to the target than the conflicting ones, and the final group holds
+    # no conflicting source.
+    sims = seed0["sims"]
+    assert sims["helpful"]["last"] > sims["conflicting"]["last"]
+    assert not trace[-1]["conflicting_in"]
+    assert (out / "plots").is_dir() and any((out / "plots").glob("*.png"))
