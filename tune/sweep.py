@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -80,18 +79,12 @@ def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     """One trial: Stage II (DTVG) with the trial's options, reporting every validation to Tune.
     Runs inside a Tune worker (one rank) or on every Ray Train worker (several ranks)."""
     from ray import tune
 
-    from dtvg_scale.distributed import init_distributed
+    from dtvg_scale.distributed import free_port, init_distributed
     from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
     from dtvg_scale.stages import Pipeline
 
@@ -100,7 +93,7 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     run_dir = trial_dir / "run"
     if one_rank:  # a process group of one, on a port of its own (trials run side by side)
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     else:  # Ray Train built the process group; tell DeepSpeed which rank this worker is
         import ray.train
 
