@@ -25,6 +25,11 @@ The protocol (checked against the prior code)
     official validation (Yelp: the official test), unshuffled;
   - MNLI: validation = validation_mismatched, test = validation_matched; PAWS: its own three
     splits. Neither is shuffled.
+* A source task needs no test split (Stage I selects on validation; nothing reads a source's
+  test), so ``with_test=False`` neither reads nor formats it: QQP is a source with its train
+  alone. ``split_overrides`` replaces an official split name the rule would read, e.g.
+  ``{"validation": "validation_matched"}`` for MNLI when validation_mismatched is not at hand:
+  an explicit departure from the protocol, recorded in :attr:`TaskData.split_overrides`.
 * ``max_train_samples`` = n: small/official tasks keep the first n of a ``split_seed``
   permutation of train, large ones the first n of their already permuted train (the prior
   code's ``subsample``). ``k_shot`` = K then draws K examples per class from that train (see
@@ -50,7 +55,7 @@ from __future__ import annotations
 import glob
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +73,7 @@ __all__ = [
     "TASK_SPECS",
     "BenchmarkExample",
     "MissingSplitError",
+    "ProtocolError",
     "SplitRule",
     "TaskData",
     "TaskSpec",
@@ -110,10 +116,15 @@ class TaskData:
     reported_metric: str  # the number the paper's tables report
     split_sizes: dict[str, int]  # examples per split, and "<official split>_rows" read from each source split
     relation: str = ""
+    split_overrides: dict[str, str] = field(default_factory=dict)  # protocol split -> the official split read instead
 
 
 class MissingSplitError(FileNotFoundError):
     """A split the task needs is not in the local folder (or not on the hub): never replaced."""
+
+
+class ProtocolError(ValueError):
+    """A request the task's protocol cannot honour (k-shot of a generative task, a bad split override)."""
 
 
 @dataclass(frozen=True)
@@ -418,9 +429,9 @@ def _k_shot(name: str, train: list[BenchmarkExample], k: int, seed: int, labels:
     would give (``np.random.default_rng(seed).permutation``, as DePT's sampler does) and keep an
     example while its class has fewer than K. A class with fewer than K examples gives them all."""
     if labels is None:
-        raise ValueError(f"k_shot needs a classification task; {name!r} is generative")
+        raise ProtocolError(f"k_shot needs a classification task; {name!r} is generative")
     if k < 1:
-        raise ValueError(f"k_shot must be >= 1, got {k}")
+        raise ProtocolError(f"k_shot must be >= 1, got {k}")
     classes = ("0", "1") if name == "stsb" else labels
     taken = dict.fromkeys(classes, 0)
     chosen = []
@@ -436,20 +447,26 @@ def _k_shot(name: str, train: list[BenchmarkExample], k: int, seed: int, labels:
 
 def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 42, seed: int = 0,
                         k_shot: int | None = None, max_train_samples: int | None = None,
-                        compat_quirks: bool = True, decoder_only: bool = False) -> TaskData:
+                        compat_quirks: bool = True, decoder_only: bool = False, with_test: bool = True,
+                        split_overrides: dict[str, str] | None = None) -> TaskData:
     """The task's train/validation/test under the ATTEMPT/DePT split rules (module docstring).
 
     ``local_dir`` None reads the hub; a folder reads ``<local_dir>/<benchmark>/<task>/<split>.jsonl``
     and nothing else. Every official split the rule needs must exist: a missing one raises
-    :class:`MissingSplitError`, even when the other splits are there.
+    :class:`MissingSplitError`, even when the other splits are there. ``with_test=False`` (a
+    source) leaves ``test`` empty and reads no official split for it; ``split_overrides`` maps a
+    split of the rule (``train``, ``validation``, ``test``) to the official split to read instead.
     """
     spec = get_spec(name)
-    rule = spec.split_rule
+    rule = _overridden(name, spec.split_rule, split_overrides or {}, with_test)
     official: dict[str, datasets.Dataset] = {}
 
     def read(split: str, purpose: str) -> datasets.Dataset:
         if split not in official:
-            official[split] = read_official_split(name, split, local_dir, purpose)
+            try:
+                official[split] = read_official_split(name, split, local_dir, purpose)
+            except MissingSplitError as err:
+                raise MissingSplitError(f"{err}{_override_hint(name, rule, split, local_dir)}") from err
         return official[split]
 
     if rule.kind == "halve_validation":
@@ -462,7 +479,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
         shuffled_train = False
     elif rule.kind == "carve_train":
         pool = read(rule.train, f"the train split and {VALIDATION_FROM_TRAIN} validation examples")
-        test_ds = read(rule.test, "the test split")
+        test_ds = read(rule.test, "the test split") if with_test else None
         order = _permutation(len(pool), split_seed)
         train_ds, validation_ds = pool, pool.select(order[:VALIDATION_FROM_TRAIN])
         train_order = order[VALIDATION_FROM_TRAIN:]
@@ -470,7 +487,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
     elif rule.kind == "official":
         train_ds = read(rule.train, "the train split")
         validation_ds = read(rule.validation, "the validation split")
-        test_ds = read(rule.test, "the test split")
+        test_ds = read(rule.test, "the test split") if with_test else None
         train_order = list(range(len(train_ds)))
         shuffled_train = False
     else:
@@ -485,7 +502,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
     fmt = {"compat_quirks": compat_quirks, "decoder_only": decoder_only}
     train = format_rows(name, train_rows.to_list(), is_train=True, **fmt)
     validation = format_rows(name, validation_ds.to_list(), **fmt)
-    test = format_rows(name, test_ds.to_list(), **fmt)
+    test = format_rows(name, test_ds.to_list(), **fmt) if with_test else []
     labels = task_labels(name, compat_quirks)
     if k_shot is not None:
         train = _k_shot(name, train, k_shot, seed, labels)
@@ -493,7 +510,41 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
     sizes = {"train": len(train), "validation": len(validation), "test": len(test)}
     sizes.update({f"{split}_rows": len(ds) for split, ds in official.items()})
     return TaskData(name=name, train=train, validation=validation, test=test, labels=labels,
-                    metric_names=spec.metric_names, reported_metric=spec.reported_metric, split_sizes=sizes)
+                    metric_names=spec.metric_names, reported_metric=spec.reported_metric, split_sizes=sizes,
+                    split_overrides=dict(split_overrides or {}))
+
+
+def _override_hint(name: str, rule: SplitRule, missing: str, local_dir: str | None) -> str:
+    """How to read another split in the missing one's place, explicitly (never done silently)."""
+    role = next((r for r in _OVERRIDABLE[rule.kind] if getattr(rule, r) == missing), None)
+    if role is None:
+        return ""
+    hint = f" To read another official split in its place, say so: data.split_overrides=[{name}.{role}=SPLIT]"
+    if local_dir is not None:
+        folder = Path(local_dir).expanduser() / get_spec(name).benchmark / get_spec(name).folder
+        present = sorted({f.name.split(".jsonl")[0].split("-")[0] for f in folder.glob("*.jsonl")} - {missing})
+        hint += f" (present there: {', '.join(present) or 'none'})"
+    return hint + "."
+
+
+# which splits of a rule name an official split that can be swapped for another
+_OVERRIDABLE = {"halve_validation": ("train", "validation"), "carve_train": ("train", "test"),
+                "official": ("train", "validation", "test")}
+
+
+def _overridden(name: str, rule: SplitRule, overrides: dict[str, str], with_test: bool) -> SplitRule:
+    """The rule with some official split names replaced; refuses what would break the protocol's
+    meaning (a split the rule does not read, or a test split that is also the validation one)."""
+    allowed = _OVERRIDABLE[rule.kind]
+    for split in overrides:
+        if split not in allowed:
+            raise ProtocolError(f"task {name!r}: split {split!r} cannot be overridden; its rule ({rule.kind}) reads "
+                             f"official splits only for {', '.join(allowed)}")
+    rule = replace(rule, **overrides)
+    if with_test and rule.kind == "official" and rule.validation == rule.test:
+        raise ProtocolError(f"task {name!r}: validation and test would both be the official {rule.test!r} split; "
+                         f"model selection would see the test set")
+    return rule
 
 
 # ---------------------------------------------------------------- scoring

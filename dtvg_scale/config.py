@@ -82,6 +82,28 @@ class DataArgs:
     )
     embedded_train_size: int = _help("Training examples per embedded task.", default=512)
     embedded_eval_size: int = _help("Validation and test examples per embedded task.", default=128)
+    split_overrides: list[str] = _help(
+        "Explicit departures from a benchmark task's split protocol, TASK.SPLIT=OFFICIAL_SPLIT, e.g. "
+        "[mnli.validation=validation_matched] where validation_mismatched is not at hand; recorded in the run.",
+        default_factory=list,
+    )
+
+    def __post_init__(self) -> None:
+        self.overrides_by_task()
+
+    def overrides_by_task(self) -> dict[str, dict[str, str]]:
+        """``split_overrides`` as {task: {split: official split}}, checked for form only."""
+        by_task: dict[str, dict[str, str]] = {}
+        for item in self.split_overrides:
+            key, eq, official = str(item).partition("=")
+            task, dot, split = key.strip().rpartition(".")
+            if not (eq and dot and task and official.strip()) or split not in ("train", "validation", "test"):
+                raise ConfigError(f"data.split_overrides: {item!r} is not TASK.SPLIT=OFFICIAL_SPLIT with SPLIT one of "
+                                  f"train, validation, test (e.g. mnli.validation=validation_matched)")
+            if split in by_task.get(task, {}):
+                raise ConfigError(f"data.split_overrides: {key.strip()!r} is given twice")
+            by_task.setdefault(task, {})[split] = official.strip()
+        return by_task
 
 
 @dataclass

@@ -33,6 +33,8 @@ def encode_examples(
     """Tokenise once. T5: the tokenizer appends eos to both sides. Decoder-only: the input keeps
     the tokenizer's bos; the target is encoded bare and closed with eos, so the model learns
     to stop."""
+    if not examples:  # a source's test split (never read); fast tokenizers refuse an empty batch
+        return []
     sources = [e.source for e in examples]
     targets = [e.target for e in examples]
     source_ids = tokenizer(sources, truncation=True, max_length=max_source_length)["input_ids"]

@@ -401,7 +401,8 @@ class PromptRun:
         if self.ctx.is_main:
             save_tensors(self.spec.out_dir / "last_prompt.safetensors", {"prompt": last_prompt},
                          {**self.artifact_meta, "run": self.spec.name, "step": self.spec.loop.steps - 1})
-        test = self._score(self.best_prompt.to(self.ctx.device), self.spec.test, self.spec.test_examples)
+        test = (self._score(self.best_prompt.to(self.ctx.device), self.spec.test, self.spec.test_examples)
+                if self.spec.test else None)  # a source has no test split: nothing scores it there
         result = {"run": self.spec.name, "best_step": self.best_step, "steps": self.spec.loop.steps,
                   "reported_metric": self.spec.reported_metric, "validation": self.best_scores, "test": test,
                   "examples": {"train": len(self.spec.train), "validation": len(self.spec.validation),

@@ -3,6 +3,7 @@
 Run directory layout::
 
     <output_dir>/config.yaml, ds_config.json      resolved options
+    <output_dir>/data.json                         per task: role, examples per split, split overrides
     <output_dir>/init_prompt.safetensors           P_init, shared by every task
     <output_dir>/stage1/<task>/                    best_prompt.safetensors (prompt, task_vector), metrics
     <output_dir>/stage2/<strategy>/                best_prompt.safetensors (P_mix), metrics, group trace
@@ -54,9 +55,14 @@ class Pipeline:
             raise ConfigError(f"the target {cfg.data.target!r} is also listed as a source")
         if len(set(cfg.data.sources)) != len(cfg.data.sources):
             raise ConfigError(f"a source is listed twice: {cfg.data.sources}")
-        # 1) every task's data now, so a missing split stops the job before any training
+        unknown = set(cfg.data.overrides_by_task()) - set(task_names)
+        if unknown:
+            raise ConfigError(f"data.split_overrides names {', '.join(sorted(unknown))}, not a task of this run")
+        # 1) every task's data now, so a missing split stops the job before any training; a
+        #    source's test split is never read (nothing scores a source on it)
         self.decoder_only = on_main_then_all(lambda: is_decoder_only(cfg.model.name_or_path))
-        self.splits = {name: tasks.load_task(name, cfg.data, self.decoder_only) for name in task_names}
+        self.splits = {name: tasks.load_task(name, cfg.data, self.decoder_only, with_test=name == cfg.data.target)
+                       for name in task_names}
         # 2) the backbone folder: rank 0 builds (embedded) or checks it, then everyone resolves it
         corpus = None
         if cfg.model.name_or_path.startswith("embedded:") and not all(tasks.is_embedded(n) for n in task_names):
@@ -64,12 +70,23 @@ class Pipeline:
             corpus = [text for name in sorted(task_names) for e in self.splits[name].train for text in (e.source, e.target)]
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "data.json").write_text(json.dumps(self._data_record(), indent=2) + "\n")
         self.model_path = on_main_then_all(lambda: resolve_model_path(
             cfg.model.name_or_path, self.out.parent / ".backbones", cfg.model.embedded_d_model,
             cfg.model.embedded_layers, corpus,
         ))
         self.hidden_size = _hidden_size(self.model_path)
         self._encoded: dict[str, Any] = {}
+
+    def _data_record(self) -> dict[str, Any]:
+        """What each task's splits really held (subsets and caps included) and any protocol departure."""
+        record = {}
+        for name, splits in self.splits.items():
+            examples = {split: len(getattr(splits, split)) for split in ("train", "validation", "test")}
+            record[name] = {"role": "target" if name == self.cfg.data.target else "source", "examples": examples,
+                            "split_sizes": getattr(splits, "split_sizes", None) or examples,
+                            "split_overrides": getattr(splits, "split_overrides", {})}
+        return record
 
     # ------------------------------------------------------------ shared pieces
     def _ds_config(self, loop: LoopArgs) -> dict:

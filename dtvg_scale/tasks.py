@@ -13,7 +13,7 @@ import dataclasses
 from functools import partial
 
 from dtvg_scale import benchmark_tasks, controlled, embedded
-from dtvg_scale.config import DataArgs
+from dtvg_scale.config import ConfigError, DataArgs
 from dtvg_scale.evaluate import Scorer, accuracy_scorer
 
 
@@ -36,15 +36,22 @@ def check_tasks(names: list[str]) -> None:
             raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}")
 
 
-def load_task(name: str, data: DataArgs, decoder_only: bool = False):
-    """The task's splits (``.train``, ``.validation``, ``.test`` lists of examples)."""
+def load_task(name: str, data: DataArgs, decoder_only: bool = False, with_test: bool = True):
+    """The task's splits (``.train``, ``.validation``, ``.test`` lists of examples).
+
+    ``with_test=False`` is for a source: nothing reads a source's test split, so it is neither
+    loaded nor required (``.test`` is empty)."""
     check_tasks([name])
+    overrides = data.overrides_by_task().get(name, {})
     if name in benchmark_tasks.TASK_NAMES:
         splits = benchmark_tasks.load_benchmark_task(
             name, local_dir=data.local_dir, split_seed=data.split_seed, seed=data.seed, k_shot=data.k_shot,
-            max_train_samples=data.max_train_samples, compat_quirks=data.compat_quirks, decoder_only=decoder_only,
+            max_train_samples=data.max_train_samples, compat_quirks=data.compat_quirks,
+            decoder_only=decoder_only, with_test=with_test, split_overrides=overrides,
         )
     else:
+        if overrides:
+            raise ConfigError(f"data.split_overrides names {name!r}, a generated task with no official splits")
         make = controlled.controlled_task if name in controlled.CONTROLLED_TASKS else embedded.embedded_task
         splits = make(
             name, seed=data.seed, n_train=data.embedded_train_size,
@@ -52,6 +59,8 @@ def load_task(name: str, data: DataArgs, decoder_only: bool = False):
         )
         if data.max_train_samples is not None:
             splits = dataclasses.replace(splits, train=splits.train[: data.max_train_samples])
+        if not with_test:
+            splits = dataclasses.replace(splits, test=[])
     if data.max_eval_samples is not None:
         cap = data.max_eval_samples
         splits = dataclasses.replace(splits, validation=splits.validation[:cap], test=splits.test[:cap])

@@ -44,14 +44,15 @@ from dtvg_scale.config import Config, ConfigError, describe_options, load_config
 from dtvg_scale.distributed import barrier, init_distributed  # noqa: E402
 from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
-from dtvg_scale.benchmark_tasks import MissingSplitError  # noqa: E402
+from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
 from dtvg_scale.tasks import UnknownTaskError, task_relation  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
 # Mistakes of the user's, reported as one line instead of a traceback.
-USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError, MissingSplitError)
+USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError, MissingSplitError,
+               ProtocolError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,9 +100,9 @@ def summarize(cfg: Config, stage1: dict, stage2: dict, max_spans: int = 12) -> t
     rows = ([("prompt tuning (Stage I)", stage1[cfg.data.target])] if cfg.data.target in stage1 else [])
     rows += [(name + (f" ({r['spot_source']})" if "spot_source" in r else ""), r) for name, r in stage2.items()]
     lines += [f"  {label:<24}{r['validation'][metric]:>12.3f}{r['test'][metric]:>10.3f}" for label, r in rows]
-    if stage1:
-        lines.append("Stage-I test score per task: " + ", ".join(
-            f"{t} {r['test'][r['reported_metric']]:.3f}" for t, r in stage1.items()))
+    if stage1:  # sources are scored on validation only (they have no test split)
+        lines.append("Stage-I best validation score per task: " + ", ".join(
+            f"{t} {r['validation'][r['reported_metric']]:.3f}" for t, r in stage1.items()))
     if share:
         relations = {name: task_relation(name) for name in share}
         lines.append("DTVG: share of steps each source was in the group")

@@ -270,6 +270,73 @@ def test_missing_split_fails_naming_task_split_and_path(name, split, path):
 
 
 @needs_data
+def test_missing_split_names_the_explicit_override_and_what_is_there():
+    with pytest.raises(bt.MissingSplitError) as info:
+        bt.load_benchmark_task("mnli", local_dir=str(DATA))
+    assert "data.split_overrides=[mnli.validation=SPLIT] (present there: train, validation_matched)" in str(info.value)
+
+
+@needs_data
+def test_a_source_reads_no_test_split():
+    # qqp's test is the official validation, absent here: as a source it is not needed
+    data = bt.load_benchmark_task("qqp", local_dir=str(DATA), with_test=False, max_train_samples=10)
+    assert data.test == [] and data.split_sizes == {"train": 10, "validation": 1000, "test": 0, "train_rows": 9999}
+    # the validation carve is the same whether the test split is read or not
+    rte, rte_source = (bt.load_benchmark_task("rte", local_dir=str(DATA), with_test=w) for w in (True, False))
+    assert rte_source.validation == rte.validation and rte_source.test == [] and len(rte.test) == 139
+
+
+@needs_data
+def test_split_override_reads_the_named_split_and_is_recorded():
+    data = bt.load_benchmark_task("mnli", local_dir=str(DATA), with_test=False, max_train_samples=4,
+                                  split_overrides={"validation": "validation_matched"})
+    rows = read_rows("glue/mnli/validation_matched.jsonl")
+    assert data.validation == bt.format_rows("mnli", rows) and data.test == []
+    assert data.split_overrides == {"validation": "validation_matched"}
+    assert data.split_sizes["validation_matched_rows"] == 9815
+    # as a target, validation and test would be the same rows: refused
+    with pytest.raises(bt.ProtocolError, match="model selection would see the test set"):
+        bt.load_benchmark_task("mnli", local_dir=str(DATA), split_overrides={"validation": "validation_matched"})
+
+
+def test_split_override_of_a_split_the_rule_does_not_read_is_refused():
+    # RTE's validation and test both come from the halved official validation
+    with pytest.raises(bt.ProtocolError, match="'test' cannot be overridden.*train, validation"):
+        bt.load_benchmark_task("rte", local_dir="/nonexistent", split_overrides={"test": "validation"})
+    with pytest.raises(bt.ProtocolError, match="'validation' cannot be overridden.*train, test"):
+        bt.load_benchmark_task("qqp", local_dir="/nonexistent", split_overrides={"validation": "train"})
+
+
+@needs_data
+def test_hub_loading_asks_the_hub_for_the_protocols_splits(monkeypatch):
+    """Without local_dir every split comes from ``datasets.load_dataset(hub name, config,
+    split=...)``. No network here: a stand-in for the hub serves the same rows from shared/data
+    and records what was asked."""
+    import datasets
+
+    asked = []
+
+    def hub(path, name=None, split=None, **kwargs):
+        asked.append((path, name, split))
+        folder = {"nyu-mll/glue": "glue", "aps/super_glue": "super_glue"}[path]
+        return datasets.Dataset.from_list(read_rows(f"{folder}/{name}/{split}.jsonl"))
+
+    local = bt.load_benchmark_task("rte", local_dir=str(DATA))
+    monkeypatch.setattr(bt.datasets, "load_dataset", hub)
+    rte = bt.load_benchmark_task("rte", local_dir=None)
+    assert (rte.train, rte.validation, rte.test) == (local.train, local.validation, local.test)
+    bt.load_benchmark_task("qnli", local_dir=None, max_train_samples=5)
+    bt.load_benchmark_task("cb", local_dir=None, with_test=False)
+    assert asked == [("nyu-mll/glue", "rte", "train"), ("nyu-mll/glue", "rte", "validation"),
+                     ("nyu-mll/glue", "qnli", "train"), ("nyu-mll/glue", "qnli", "validation"),
+                     ("aps/super_glue", "cb", "train"), ("aps/super_glue", "cb", "validation")]
+    asked.clear()
+    with pytest.raises(FileNotFoundError):  # the stand-in has no mnli mismatched file: the hub's name is asked
+        bt.load_benchmark_task("mnli", local_dir=None)
+    assert asked == [("nyu-mll/glue", "mnli", "train"), ("nyu-mll/glue", "mnli", "validation_mismatched")]
+
+
+@needs_data
 def test_sharded_split_loads_every_shard():
     data = bt.load_benchmark_task("multirc", local_dir=str(DATA), max_train_samples=5)
     assert data.split_sizes["train_rows"] == 27243 and data.split_sizes["validation_rows"] == 4848

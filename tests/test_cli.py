@@ -37,6 +37,8 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, message: str) ->
         (["data.sources=[emb_help_a,nope]"], "unknown task 'nope'"),
         (["model.name_or_path=./no/such/model"], "model path not found: ./no/such/model"),
         (["stage2.thresold=0.1"], "did you mean stage2.threshold"),
+        (["data.split_overrides=[mnli.valid=validation_matched]"], "is not TASK.SPLIT=OFFICIAL_SPLIT"),
+        (["data.split_overrides=[rte.validation=validation]"], "names rte, not a task of this run"),
     ],
 )
 def test_bad_options_stop_before_training(tmp_path, args, message):

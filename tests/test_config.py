@@ -64,3 +64,13 @@ def test_shipped_configs_parse():
 
         assert load_ds_config(str(path))["zero_optimization"]["stage"] in (2, 3)
         json.loads(path.read_text())
+
+
+def test_split_overrides_parse_per_task_and_refuse_bad_or_repeated_ones():
+    data = load_config(None, ["data.split_overrides=[mnli.validation=validation_matched, qqp.test=validation]"]).data
+    assert data.overrides_by_task() == {"mnli": {"validation": "validation_matched"}, "qqp": {"test": "validation"}}
+    for bad, message in [("[mnli.dev=validation_matched]", "not TASK.SPLIT=OFFICIAL_SPLIT"),
+                         ("[mnli.validation]", "not TASK.SPLIT=OFFICIAL_SPLIT"),
+                         ("[mnli.test=a, mnli.test=b]", "'mnli.test' is given twice")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"data.split_overrides={bad}"])

@@ -49,3 +49,34 @@ def test_rte_and_cb_through_both_stages_and_the_table(tmp_path):
     assert table["ours"]["dtvg (ours)"]["rte"] == pytest.approx(100 * rte["test"]["accuracy"])
     markdown = (tmp_path / "table.md").read_text()
     assert "| DTVG (paper) | – | – | 87.4 | 78.9 |" in markdown and "dtvg (ours)" in result.stdout
+
+
+def test_the_papers_rte_line_runs_with_its_one_departure_said_out_loud(tmp_path):
+    """``target=rte sources=[mnli,qnli,qqp,sst2]`` on shared/data: MNLI's protocol validation split
+    (validation_mismatched) is not there, so the bare line stops before any work and names the
+    knob; with ``mnli.validation=validation_matched`` said explicitly it runs both stages. QQP,
+    whose test split (the official validation) is not there either, needs none as a source."""
+    line = ["target=rte", "sources=[mnli,qnli,qqp,sst2]", *QUICK, "stage2.strategies=[dtvg]"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    bare = subprocess.run([sys.executable, "dtvg_scale/train.py", f"run.output_dir={tmp_path / 'bare'}", *line],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert bare.returncode != 0 and "Traceback" not in bare.stderr, bare.stderr[-3000:]
+    assert "split 'validation_mismatched'" in bare.stderr
+    assert "data.split_overrides=[mnli.validation=SPLIT] (present there: train, validation_matched)" in bare.stderr
+    assert not (tmp_path / "bare" / "stage1").exists()
+
+    run("dtvg_scale/train.py", f"run.output_dir={tmp_path / 'run'}", *line,
+        "data.split_overrides=[mnli.validation=validation_matched]")
+    record = json.loads((tmp_path / "run" / "data.json").read_text())
+    assert record["mnli"]["split_overrides"] == {"validation": "validation_matched"}
+    assert record["mnli"]["split_sizes"]["validation_matched_rows"] == 9815
+    assert record["qqp"] == {"role": "source", "examples": {"train": 64, "validation": 16, "test": 0},
+                             "split_sizes": {"train": 64, "validation": 1000, "test": 0, "train_rows": 9999},
+                             "split_overrides": {}}
+    assert record["rte"]["role"] == "target" and record["rte"]["examples"]["test"] == 16
+    qqp = json.loads((tmp_path / "run" / "stage1" / "qqp" / "result.json").read_text())
+    assert qqp["test"] is None and set(qqp["validation"]) == {"accuracy", "f1", "mean"}
+    trace = [json.loads(line) for line in (tmp_path / "run" / "stage2" / "dtvg" / "group_trace.jsonl").open()]
+    assert trace and set(trace[0]["similarity"]) == {"mnli", "qnli", "qqp", "sst2"}
+    rte = json.loads((tmp_path / "run" / "stage2" / "dtvg" / "result.json").read_text())
+    assert 0.0 <= rte["test"]["accuracy"] <= 1.0
