@@ -173,10 +173,19 @@ class Stage2Args(LoopArgs):
     merge: str = _help("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
     temperature: float = _help("Softmax temperature of merge=softmax.", default=1.0)
     scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros.", default="ones")
+    preset: str = _help(
+        "A named set of the knobs above: paper (the default, the authors' code) or centered (similarity="
+        "centered_sources, the variant that found the planted helpful sources in docs/results.md). Knobs given "
+        "explicitly win over the preset.",
+        default="paper",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from dtvg_scale.variants import VARIANT_KNOBS
+        from dtvg_scale.variants import PRESETS, VARIANT_KNOBS
+
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown stage2.preset {self.preset!r}; known: {', '.join(PRESETS)}")
 
         for knob in ("similarity", "selection", "merge", "scale_init"):
             if getattr(self, knob) not in VARIANT_KNOBS[knob]:
@@ -323,7 +332,17 @@ def build_config(values: dict[str, Any] | None = None) -> Config:
         section, name = known[key]
         annotation = _field_types(_section_types()[section])[name]
         chosen[section][name] = _coerce(value, annotation, f"{section}.{name}")
+    _apply_preset(chosen["stage2"])
     return Config(**{section: cls(**chosen[section]) for section, cls in _section_types().items()})
+
+
+def _apply_preset(stage2: dict[str, Any]) -> None:
+    """Fill the knobs of ``stage2.preset`` that were not given explicitly (an unknown preset is
+    left for Stage2Args to refuse)."""
+    from dtvg_scale.variants import PRESETS
+
+    for knob, value in PRESETS.get(stage2.get("preset", "paper"), {}).items():
+        stage2.setdefault(knob, value)
 
 
 def flatten_yaml(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -57,6 +57,7 @@ __all__ = [
     "SIMILARITIES",
     "VARIANT_DEFAULTS",
     "VARIANT_KNOBS",
+    "PRESETS",
     "center",
     "centered_all",
     "centered_sources",
@@ -400,3 +401,11 @@ max_group_size (int >= 1 or None), top_k (int >= 1, for selection "top_k"), temp
 
 VARIANT_DEFAULTS: dict[str, str] = {knob: values[0] for knob, values in VARIANT_KNOBS.items()}
 """The paper/code setting: mean_dot, greedy_prefix, sum, ones."""
+
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {},  # the authors' code, the default
+    # the variant that found the planted helpful sources on the controlled benchmark (docs/results.md,
+    # "Which variant when"): centering removes the component every task vector shares
+    "centered": {"similarity": "centered_sources"},
+}
+"""``stage2.preset`` -> the Stage-II knobs it sets; knobs given explicitly win over the preset."""
