@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -205,9 +204,7 @@ def test_tiny_backbone_builds_reloads_and_is_reused(tokenizers, family, tmp_path
 
     # same settings: reused, files untouched
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    start = time.perf_counter()
     assert build_tiny_backbone(out, family, tok, seed=1) == str(out)
-    assert time.perf_counter() - start < 0.5
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
 
     # other settings: rebuilt in place, deterministically

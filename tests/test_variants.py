@@ -462,17 +462,19 @@ def test_no_host_sync_in_decide_and_merge(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
-def test_exact_speed_at_k16_and_greedy_at_k_hundreds():
-    import time
-
+def test_exact_at_k16_and_greedy_at_k_hundreds():
+    """The limits the docs promise work (how fast: benchmarks/grouping_select.py, not a test)."""
     g = torch.Generator().manual_seed(14)
     t = torch.randn(8, 32, generator=g)
-    variants._subset_table(16, t.device)
-    start = time.perf_counter()
-    decide(t, torch.randn(16, 8, 32, generator=g), selection="exact", kc_weight=1.0)
+    sixteen = torch.randn(16, 8, 32, generator=g)
+    exact = decide(t, sixteen, selection="exact", kc_weight=1.0)
+    greedy = decide(t, sixteen, kc_weight=1.0)
+    assert exact.mask.shape == (16,) and exact.mask.any()
+    target_sim, pair_sim = SIMILARITIES["mean_dot"](t, sixteen)
+    assert group_objective(exact.mask, target_sim, pair_sim, 1.0) >= group_objective(greedy.mask, target_sim, pair_sim, 1.0)
     for name in SIMILARITIES:
-        decide(t, torch.randn(300, 8, 32, generator=g), similarity=name)
-    assert time.perf_counter() - start < 5.0
+        many = decide(t, torch.randn(300, 8, 32, generator=g), similarity=name)
+        assert many.mask.shape == (300,) and many.target_sim.isfinite().all()
 
 
 # --------------------------------------------------------------------------------------------
