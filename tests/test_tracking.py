@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
+import threading
 import warnings
 from pathlib import Path
 
@@ -126,20 +126,37 @@ def test_off_and_other_ranks_get_the_no_op_tracker(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_unreachable_server_costs_seconds_warns_once_and_raises_nothing(tmp_path):
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_a_broken_server_is_tried_a_bounded_number_of_times_warns_once_and_raises_nothing(tmp_path):
+    """A server that drops every connection: the tracker's bounded retries, then no more tries
+    (MLflow's own default would retry for minutes at every call)."""
+    attempts = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    port = server.getsockname()[1]
+
+    def drop_every_connection():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is over
+                return
+            attempts.append(1)
+            conn.close()
+
+    threading.Thread(target=drop_every_connection, daemon=True).start()
     tracker = make_tracker(True, f"http://127.0.0.1:{port}", "dtvg-test", tmp_path, is_main=True)
-    began = time.monotonic()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tracker.start("r", CONFIG)
+        tried = len(attempts)
         for step in range(10):
             tracker.log_metrics({"loss": 1.0}, step=step)
         tracker.log_artifact(__file__)
         tracker.finish()
-    assert time.monotonic() - began < 10
+    server.close()
+    assert 1 <= tried <= 3  # the first request and its (at most 2) retries
+    assert len(attempts) == tried  # after the failure nothing is tried again
     assert len(_tracker_warnings(caught)) == 1
     assert f"127.0.0.1:{port}" in _tracker_warnings(caught)[0]
     assert not tracker.active and tracker.run_id is None
