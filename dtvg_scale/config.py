@@ -175,8 +175,8 @@ class Stage2Args(LoopArgs):
     scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros.", default="ones")
     preset: str = _help(
         "A named set of the knobs above: paper (the default, the authors' code) or centered (similarity="
-        "centered_sources, the variant that found the planted helpful sources in docs/results.md). Knobs given "
-        "explicitly win over the preset.",
+        "centered_all: kept conflicting sources out of the group in docs/results.md). Knobs given explicitly win "
+        "over the preset.",
         default="paper",
     )
 

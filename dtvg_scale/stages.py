@@ -111,21 +111,27 @@ class Pipeline:
         return self._encoded[task]
 
     def init_prompt(self, backbone: Backbone) -> torch.Tensor:
-        """P_init, drawn once from the (gathered) embedding table and then read from disk."""
+        """P_init: drawn from the (gathered) embedding table by every run and written once. A run
+        that finds it on disk checks that the backbone still gives the same rows, so a backbone
+        rebuilt or replaced under the same name cannot mix with Stage-I vectors of the old one."""
+        p = self.cfg.prompt
+        rows = read_embedding_rows(  # a collective under ZeRO-3: every rank, every run
+            backbone.model, lambda w: sample_init_prompt(w, p.length, p.init_vocab_limit, p.init_seed)
+        ).float().cpu()
         path = self.out / "init_prompt.safetensors"
         exists = path.exists()
         barrier()  # every rank has looked before rank 0 may write: all take the same branch
-        if not exists:  # the gather below is a collective: all ranks or none
-            p = self.cfg.prompt
-            rows = read_embedding_rows(
-                backbone.model, lambda w: sample_init_prompt(w, p.length, p.init_vocab_limit, p.init_seed)
-            )
+        if not exists:
             if self.ctx.is_main:
-                save_tensors(path, {"init_prompt": rows.float()}, self._fingerprint())
+                save_tensors(path, {"init_prompt": rows}, self._fingerprint())
             barrier()
         tensors, meta = load_tensors(path)
         if meta != self._fingerprint():
             raise StageError(f"{path} was drawn for {meta}, but this run asks for {self._fingerprint()}; "
+                             f"use another run.output_dir")
+        if not torch.equal(tensors["init_prompt"], rows):
+            raise StageError(f"the backbone {self.cfg.model.name_or_path!r} has changed since {path} was drawn (its "
+                             f"embedding rows differ), so this run's earlier outputs belong to another model; "
                              f"use another run.output_dir")
         return tensors["init_prompt"]
 

@@ -78,6 +78,28 @@ def test_stage1_vectors_must_match_shape_and_init_prompt(tmp_path):
     assert "dtvg" in json.loads((tmp_path / "d" / "results.json").read_text())["stage2"]
 
 
+def test_a_backbone_changed_under_the_same_name_is_refused_on_resume(tmp_path):
+    import shutil
+
+    import transformers
+
+    first = train(f"run.output_dir={tmp_path / 'embedded'}", *QUICK, "run.stages=stage1", "stage1.steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (built,) = [p for p in (tmp_path / ".backbones").iterdir() if (p / "config.json").is_file()]
+    model_dir = tmp_path / "model"
+    shutil.copytree(built, model_dir)
+    run = [f"run.output_dir={tmp_path / 'run'}", *QUICK, f"model.name_or_path={model_dir}", "run.stages=stage1",
+           "stage1.steps=2"]
+    assert train(*run).returncode == 0
+    model = transformers.AutoModelForSeq2SeqLM.from_pretrained(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(2.0)  # retrained, say, and saved in place
+    model.save_pretrained(model_dir)
+    # Stage I is done and skipped; Stage II would merge the old model's vectors into the new one
+    assert_one_clear_error(train(*run, "run.stages=all"), "has changed since")
+    assert not (tmp_path / "run" / "stage2").exists()
+
+
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_every_shipped_deepspeed_config_trains_on_cpu(tmp_path, ds_config):
     out = tmp_path / "run"

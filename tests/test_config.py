@@ -79,8 +79,8 @@ def test_split_overrides_parse_per_task_and_refuse_bad_or_repeated_ones():
 def test_preset_sets_its_knobs_and_explicit_knobs_win():
     assert load_config(None, []).stage2.similarity == "mean_dot"  # the paper stays the default
     centered = load_config(None, ["stage2.preset=centered"]).stage2
-    assert (centered.preset, centered.similarity, centered.merge) == ("centered", "centered_sources", "sum")
-    explicit = load_config(None, ["stage2.similarity=centered_all", "stage2.preset=centered"]).stage2
-    assert explicit.similarity == "centered_all"
+    assert (centered.preset, centered.similarity, centered.merge) == ("centered", "centered_all", "sum")
+    explicit = load_config(None, ["stage2.similarity=centered_sources", "stage2.preset=centered"]).stage2
+    assert explicit.similarity == "centered_sources"
     with pytest.raises(ConfigError, match="unknown stage2.preset 'best'; known: paper, centered"):
         load_config(None, ["stage2.preset=best"])
