@@ -5,7 +5,8 @@
 
 1. Pretrain a tiny T5 on the broad rule mixture of ``dtvg_scale.controlled`` (cached in
    ``<out>/backbone``), freeze it.
-2. Per seed (data seed, run seed and P_init seed all = the seed): ``dtvg_scale/train.py``
+2. Per seed (data seed, run seed and P_init seed all = the seed; ``--init_offsets`` adds runs
+   whose P_init seed is seed + offset, in ``seed<s>_init<seed+offset>``): ``dtvg_scale/train.py``
    (world of one) runs Stage I on the 7 held-out ``ctl_*`` tasks and Stage II with every
    strategy; then DTVG variants (similarity, merge, scale init) reuse that Stage I.
 3. Collect target test accuracy per strategy, DTVG's group precision/recall against the planted
@@ -40,7 +41,10 @@ VARIANTS = {  # name -> (strategy, Stage-II overrides); each reuses the seed's S
     "dtvg_centered_all_kc_weight_0.5": ("dtvg", ["stage2.similarity=centered_all", "stage2.kc_weight=0.5"]),
     # not DTVG's KC step: every source with centered similarity >= 0 (the positive_only ablation)
     "centered_all_positive_only": ("positive_only", ["stage2.similarity=centered_all"]),
+    # the named preset itself (today = dtvg_centered_all); the quick test runs it, the full table does not repeat it
+    "dtvg_preset_centered": ("dtvg", ["stage2.preset=centered"]),
 }
+DEFAULT_VARIANTS = [name for name in VARIANTS if name != "dtvg_preset_centered"]
 FULL = dict(pretrain=controlled.PretrainConfig(), stage1_steps=200, stage2_steps=150, eval_every=50, eval_size=128)
 QUICK = dict(pretrain=controlled.PretrainConfig(d_model=64, num_layers=2, d_ff=256, steps=250, batch_size=64),
              stage1_steps=80, stage2_steps=40, eval_every=40, eval_size=64)
@@ -74,11 +78,17 @@ def train(args: list[str], log: Path) -> None:
         raise SystemExit(f"train.py failed ({proc.returncode}); see {log}")
 
 
-def base_args(backbone: str, seed: int, s: dict) -> list[str]:
+def run_name(seed: int, offset: int) -> str:
+    """``seed<s>`` when P_init's seed is the seed (the original runs), else ``seed<s>_init<i>``."""
+    return f"seed{seed}" if offset == 0 else f"seed{seed}_init{seed + offset}"
+
+
+def base_args(backbone: str, seed: int, s: dict, init_seed: int | None = None) -> list[str]:
     return [
         f"model.name_or_path={backbone}", "model.precision=fp32",
         f"data.target={controlled.CONTROLLED_TARGET}", f"data.sources=[{','.join(controlled.CONTROLLED_SOURCES)}]",
-        f"data.seed={seed}", f"run.seed={seed}", f"prompt.init_seed={seed}", "prompt.length=8",
+        f"data.seed={seed}", f"run.seed={seed}",
+        f"prompt.init_seed={seed if init_seed is None else init_seed}", "prompt.length=8",
         f"data.embedded_eval_size={s['eval_size']}", "data.max_target_length=2",
         f"stage1.steps={s['stage1_steps']}", "stage1.lr=0.1", "stage1.batch_size=32", "stage1.warmup_steps=10",
         f"stage1.eval_every={s['eval_every']}",
@@ -88,15 +98,17 @@ def base_args(backbone: str, seed: int, s: dict) -> list[str]:
     ]
 
 
-def run_seed(out: Path, backbone: str, seed: int, s: dict, variants: list[str], strategies: list[str]) -> None:
-    main = out / f"seed{seed}" / "main"
-    log = out / f"seed{seed}" / "train.log"
+def run_seed(out: Path, backbone: str, seed: int, s: dict, variants: list[str], strategies: list[str],
+             offset: int = 0) -> None:
+    base = out / run_name(seed, offset)
+    main = base / "main"
+    log = base / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = base_args(backbone, seed, s)
+    args = base_args(backbone, seed, s, seed + offset)
     train([*args, f"run.output_dir={main}", f"stage2.strategies=[{','.join(strategies)}]"], log)
     for name in variants:
         strategy, overrides = VARIANTS[name]
-        train([*args, *overrides, f"run.output_dir={out / f'seed{seed}' / name}", "run.stages=stage2",
+        train([*args, *overrides, f"run.output_dir={base / name}", "run.stages=stage2",
                f"run.stage1_dir={main / 'stage1'}", f"stage2.strategies=[{strategy}]"], log)
 
 
@@ -136,12 +148,15 @@ def ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def analyse(out: Path, seeds: list[int], variants: list[str]) -> dict:
+def analyse(out: Path, seeds: list[int], variants: list[str], offsets: tuple[int, ...] = (0,)) -> dict:
+    """Every (seed, P_init offset) run counts as one sample of each mean ± sd."""
     rel = controlled.relations()
-    summary: dict = {"seeds": seeds, "scores": {}, "group": {}, "stage1": {}, "similarity_by_relation": {}}
+    runs = [run_name(seed, off) for seed in seeds for off in offsets]
+    summary: dict = {"seeds": seeds, "init_offsets": list(offsets), "runs": runs,
+                     "scores": {}, "group": {}, "stage1": {}, "similarity_by_relation": {}}
     rows = {"prompt tuning (Stage I target)": [], **{k: [] for k in STRATEGIES}, **{v: [] for v in variants}}
-    for seed in seeds:
-        base = out / f"seed{seed}"
+    for run in runs:
+        base = out / run
         r = read_json(base / "main" / "stage1" / controlled.CONTROLLED_TARGET / "result.json")
         rows["prompt tuning (Stage I target)"].append(r and r["test"]["accuracy"])
         for k in STRATEGIES:
@@ -156,8 +171,8 @@ def analyse(out: Path, seeds: list[int], variants: list[str]) -> dict:
     summary["scores"] = rows
     for name in ["dtvg", *variants]:
         per_seed = []
-        for seed in seeds:
-            d = out / f"seed{seed}" / ("main" if name == "dtvg" else name) / "stage2" / VARIANTS.get(name, ("dtvg",))[0]
+        for run in runs:
+            d = out / run / ("main" if name == "dtvg" else name) / "stage2" / VARIANTS.get(name, ("dtvg",))[0]
             trace = read_trace(d / "group_trace.jsonl")
             if not trace:
                 continue
@@ -167,7 +182,7 @@ def analyse(out: Path, seeds: list[int], variants: list[str]) -> dict:
                 names = [k for k, v in rel.items() if v == relation]
                 sims[relation] = {"first": statistics.mean(trace[0]["similarity"][k] for k in names),
                                   "last": statistics.mean(trace[-1]["similarity"][k] for k in names)}
-            per_seed.append({"seed": seed, "trace": gm, "sims": sims, "dir": str(d)})
+            per_seed.append({"seed": run, "trace": gm, "sims": sims, "dir": str(d)})
         summary["group"][name] = per_seed
     return summary
 
@@ -178,7 +193,9 @@ def checkpoints(n_steps: int) -> list[int]:
 
 def report(out: Path, summary: dict, command: str) -> str:
     lines = [f"Command: `{command}`", "", "### Target test accuracy (mean ± sd over seeds "
-             f"{summary['seeds']})", "", "| strategy | accuracy | per seed |", "|---|---|---|"]
+             f"{summary['seeds']}, P_init seed offsets {summary.get('init_offsets', [0])})", "",
+             f"Runs, in the order of the last column: {', '.join(summary.get('runs', []))}.", "",
+             "| strategy | accuracy | per run |", "|---|---|---|"]
     for name, vals in summary["scores"].items():
         per = ", ".join("n/a" if v is None else f"{v:.3f}" for v in vals)
         lines.append(f"| {name} | {ms(vals)} | {per} |")
@@ -228,8 +245,8 @@ def make_plots(out: Path, summary: dict, plot_dir: Path) -> list[Path]:
     for name, per_seed in summary["group"].items():
         for p in per_seed[:1]:
             trace = Path(p["dir"]) / "group_trace.jsonl"
-            made.append(group_trace_heatmap(trace, plot_dir / f"{name}_seed{p['seed']}_group_trace.png"))
-            made.append(similarity_over_time(trace, plot_dir / f"{name}_seed{p['seed']}_similarity.png"))
+            made.append(group_trace_heatmap(trace, plot_dir / f"{name}_{p['seed']}_group_trace.png"))
+            made.append(similarity_over_time(trace, plot_dir / f"{name}_{p['seed']}_similarity.png"))
     return made
 
 
@@ -237,15 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/controlled")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--init_offsets", type=int, nargs="+", default=[0],
+                        help="P_init seed = seed + offset; 0 is the original run, others add runs (e.g. 0 100)")
     parser.add_argument("--quick", action="store_true", help="small setting (the test's)")
-    parser.add_argument("--variants", nargs="*", default=None, help="DTVG variants to run (default: all)")
+    parser.add_argument("--variants", nargs="*", default=None, help="DTVG variants to run (default: all but the preset)")
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES, help="Stage-II strategies (default: all)")
     parser.add_argument("--plots", default=None, help="folder for the PNGs (default <out>/plots)")
     parser.add_argument("--no_wait", action="store_true", help="do not wait for a running pytest")
     parser.add_argument("--analyse_only", action="store_true")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else FULL
-    variants = list(VARIANTS) if args.variants is None else args.variants
+    variants = DEFAULT_VARIANTS if args.variants is None else args.variants
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -258,9 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         stamp = controlled.pretrain(out / "backbone", s["pretrain"])
         print(f"backbone: held-out accuracy {stamp['heldout_accuracy']:.3f} ({stamp['seconds']} s)", flush=True)
         for seed in args.seeds:
-            run_seed(out, str(out / "backbone"), seed, s, variants, args.strategies)
-            print(f"seed {seed} done at {time.time() - t0:.0f} s", flush=True)
-    summary = analyse(out, args.seeds, variants)
+            for offset in args.init_offsets:
+                run_seed(out, str(out / "backbone"), seed, s, variants, args.strategies, offset)
+                print(f"{run_name(seed, offset)} done at {time.time() - t0:.0f} s", flush=True)
+    summary = analyse(out, args.seeds, variants, tuple(args.init_offsets))
     summary["backbone"] = read_json(out / "backbone" / "controlled_pretrain.json")
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
