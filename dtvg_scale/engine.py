@@ -295,6 +295,10 @@ class PromptRun:
             raise
         barrier()
         if self.ctx.is_main:
+            # DeepSpeed copies its zero_to_fp32.py beside ZeRO-3 checkpoints; it reads pickle files and
+            # would fail on ours (safetensors), and the frozen backbone is not in them anyway: the
+            # trained prompt is best_prompt/last_prompt.safetensors
+            (self.checkpoint_dir / "zero_to_fp32.py").unlink(missing_ok=True)
             tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()),
                           key=lambda p: int(p.name.removeprefix("step")))
             for old in tags[: -self.spec.keep_checkpoints]:
