@@ -65,7 +65,11 @@ class DataArgs:
         "instead of the hub; nothing is downloaded then.",
         default=None,
     )
-    k_shot: int | None = _help("Few-shot: K training examples per class, class-balanced, drawn with data.seed.", default=None)
+    k_shot: int | None = _help(
+        "Few-shot target: K training examples per class of the target, class-balanced, drawn with data.seed "
+        "(sources keep their full train, capped by max_train_samples).",
+        default=None,
+    )
     split_seed: int = _help("Seed of the ATTEMPT/DePT validation/test split rules (they use 42).", default=42)
     compat_quirks: bool = _help(
         "Reproduce the prior code's documented quirks (WinoGrande's second option never shown, STS-B rounded "

@@ -7,6 +7,7 @@ everything it produces below its own folder:
 - ``metrics.jsonl``: step, loss, lr, group size, and validation scores at evaluation steps;
 - ``group_trace.jsonl`` (Stage II): every step's similarities, KC and selected sources;
 - ``best_prompt.safetensors``: the best-validation prompt (P* or P_mix), frozen;
+- ``test_predictions.jsonl``: input, target and generated text of every test example (best prompt);
 - ``checkpoints/``: DeepSpeed checkpoints in safetensors (trainable state, optimizer, step);
 - ``result.json``: validation and test scores of the best prompt, written last: a run with a
   result is complete and is skipped when the job is started again.
@@ -276,10 +277,14 @@ class PromptRun:
                                      step=self.pending_metrics[-1]["step"])
         self.pending_metrics.clear()
 
-    def _score(self, prompt_rows: Tensor, encoded: list[EncodedExample], raw: Sequence) -> dict[str, float]:
+    def _score(self, prompt_rows: Tensor, encoded: list[EncodedExample], raw: Sequence,
+               save_as: Path | None = None) -> dict[str, float]:
         predictions = generate_predictions(self.prompted, prompt_rows, encoded, self.backbone.tokenizer,
                                            self.spec.loop.eval_batch_size, self.spec.max_new_tokens,
                                            self.ctx.rank, self.ctx.world_size, self.synced_generation)
+        if save_as is not None and self.ctx.is_main:  # so "always one label" can be told from "not a label"
+            rows = [{"input": e.source, "target": e.target, "prediction": pred} for e, pred in zip(raw, predictions)]
+            save_as.write_text("".join(json.dumps(row) + "\n" for row in rows))
         return self.spec.scorer(predictions, raw)
 
     def _save_checkpoint(self, step: int) -> None:
@@ -405,7 +410,8 @@ class PromptRun:
         if self.ctx.is_main:
             save_tensors(self.spec.out_dir / "last_prompt.safetensors", {"prompt": last_prompt},
                          {**self.artifact_meta, "run": self.spec.name, "step": self.spec.loop.steps - 1})
-        test = (self._score(self.best_prompt.to(self.ctx.device), self.spec.test, self.spec.test_examples)
+        test = (self._score(self.best_prompt.to(self.ctx.device), self.spec.test, self.spec.test_examples,
+                            save_as=self.spec.out_dir / "test_predictions.jsonl")
                 if self.spec.test else None)  # a source has no test split: nothing scores it there
         result = {"run": self.spec.name, "best_step": self.best_step, "steps": self.spec.loop.steps,
                   "reported_metric": self.spec.reported_metric, "validation": self.best_scores, "test": test,

@@ -59,9 +59,11 @@ class Pipeline:
         if unknown:
             raise ConfigError(f"data.split_overrides names {', '.join(sorted(unknown))}, not a task of this run")
         # 1) every task's data now, so a missing split stops the job before any training; a
-        #    source's test split is never read (nothing scores a source on it)
+        #    source's test split is never read (nothing scores a source on it), and k_shot is the
+        #    target's (sources train on their full data, as in the paper's few-shot runs)
         self.decoder_only = on_main_then_all(lambda: is_decoder_only(cfg.model.name_or_path))
-        self.splits = {name: tasks.load_task(name, cfg.data, self.decoder_only, with_test=name == cfg.data.target)
+        self.splits = {name: tasks.load_task(name, cfg.data, self.decoder_only,
+                                             role="target" if name == cfg.data.target else "source")
                        for name in task_names}
         # 2) the backbone folder: rank 0 builds (embedded) or checks it, then everyone resolves it
         corpus = None

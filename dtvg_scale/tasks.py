@@ -36,16 +36,21 @@ def check_tasks(names: list[str]) -> None:
             raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}")
 
 
-def load_task(name: str, data: DataArgs, decoder_only: bool = False, with_test: bool = True):
+def load_task(name: str, data: DataArgs, decoder_only: bool = False, role: str = "target"):
     """The task's splits (``.train``, ``.validation``, ``.test`` lists of examples).
 
-    ``with_test=False`` is for a source: nothing reads a source's test split, so it is neither
-    loaded nor required (``.test`` is empty)."""
+    ``role="source"``: nothing reads a source's test split, so it is neither loaded nor required
+    (``.test`` is empty), and ``data.k_shot`` does not apply (as in the paper's few-shot runs,
+    sources train on their full data; ``max_train_samples`` still caps them)."""
+    if role not in ("target", "source"):
+        raise ValueError(f"role must be target or source, got {role!r}")
     check_tasks([name])
+    with_test = role == "target"
     overrides = data.overrides_by_task().get(name, {})
     if name in benchmark_tasks.TASK_NAMES:
         splits = benchmark_tasks.load_benchmark_task(
-            name, local_dir=data.local_dir, split_seed=data.split_seed, seed=data.seed, k_shot=data.k_shot,
+            name, local_dir=data.local_dir, split_seed=data.split_seed, seed=data.seed,
+            k_shot=data.k_shot if role == "target" else None,
             max_train_samples=data.max_train_samples, compat_quirks=data.compat_quirks,
             decoder_only=decoder_only, with_test=with_test, split_overrides=overrides,
         )

@@ -66,17 +66,22 @@ def test_the_papers_rte_line_runs_with_its_one_departure_said_out_loud(tmp_path)
     assert not (tmp_path / "bare" / "stage1").exists()
 
     run("dtvg_scale/train.py", f"run.output_dir={tmp_path / 'run'}", *line,
-        "data.split_overrides=[mnli.validation=validation_matched]")
+        "data.split_overrides=[mnli.validation=validation_matched]", "data.k_shot=8")
     record = json.loads((tmp_path / "run" / "data.json").read_text())
     assert record["mnli"]["split_overrides"] == {"validation": "validation_matched"}
     assert record["mnli"]["split_sizes"]["validation_matched_rows"] == 9815
     assert record["qqp"] == {"role": "source", "examples": {"train": 64, "validation": 16, "test": 0},
                              "split_sizes": {"train": 64, "validation": 1000, "test": 0, "train_rows": 9999},
                              "split_overrides": {}}
-    assert record["rte"]["role"] == "target" and record["rte"]["examples"]["test"] == 16
+    # k_shot is the target's: 8 per class of RTE's (capped) train; the sources keep their 64
+    assert record["rte"]["role"] == "target" and record["rte"]["examples"] == {"train": 16, "validation": 16, "test": 16}
+    assert all(record[s]["examples"]["train"] == 64 for s in ("mnli", "qnli", "qqp", "sst2"))
     qqp = json.loads((tmp_path / "run" / "stage1" / "qqp" / "result.json").read_text())
     assert qqp["test"] is None and set(qqp["validation"]) == {"accuracy", "f1", "mean"}
     trace = [json.loads(line) for line in (tmp_path / "run" / "stage2" / "dtvg" / "group_trace.jsonl").open()]
     assert trace and set(trace[0]["similarity"]) == {"mnli", "qnli", "qqp", "sst2"}
     rte = json.loads((tmp_path / "run" / "stage2" / "dtvg" / "result.json").read_text())
-    assert 0.0 <= rte["test"]["accuracy"] <= 1.0
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "stage2" / "dtvg" / "test_predictions.jsonl").open()]
+    assert len(predictions) == 16 and predictions[0]["input"].startswith("rte sentence1: ")
+    hits = sum(row["prediction"].strip() == row["target"] for row in predictions)
+    assert rte["test"]["accuracy"] == hits / 16
