@@ -538,12 +538,12 @@ def _overridden(name: str, rule: SplitRule, overrides: dict[str, str], with_test
     allowed = _OVERRIDABLE[rule.kind]
     for split in overrides:
         if split not in allowed:
-            raise ProtocolError(f"task {name!r}: split {split!r} cannot be overridden; its rule ({rule.kind}) reads "
-                             f"official splits only for {', '.join(allowed)}")
+            raise ProtocolError(f"task {name!r}: split {split!r} cannot be overridden; its rule ({rule.kind}) "
+                                f"reads official splits only for {', '.join(allowed)}")
     rule = replace(rule, **overrides)
     if with_test and rule.kind == "official" and rule.validation == rule.test:
         raise ProtocolError(f"task {name!r}: validation and test would both be the official {rule.test!r} split; "
-                         f"model selection would see the test set")
+                            f"model selection would see the test set")
     return rule
 
 
