@@ -78,6 +78,7 @@ class Pipeline:
             cfg.model.embedded_layers, corpus,
         ))
         self.hidden_size = _hidden_size(self.model_path)
+        _check_prompt_fits(self.model_path, cfg.prompt.length, cfg.prompt.init_vocab_limit)
         self._encoded: dict[str, Any] = {}
 
     def _data_record(self) -> dict[str, Any]:
@@ -322,3 +323,15 @@ def _hidden_size(model_path: str) -> int:
         if hasattr(config, key):
             return int(getattr(config, key))
     raise ConfigError(f"cannot tell the hidden size of {model_path}")
+
+
+def _check_prompt_fits(model_path: str, length: int, vocab_limit: int) -> None:
+    """P_init draws ``length`` distinct rows from the first ``vocab_limit`` token ids: say so before
+    any model loads if there are not that many (e.g. the paper's 100 on a tiny embedded world)."""
+    from transformers import AutoConfig
+
+    available = min(vocab_limit, int(AutoConfig.from_pretrained(model_path).vocab_size))
+    if length > available:
+        raise ConfigError(f"prompt.length={length} needs that many distinct embedding rows, but P_init is drawn from "
+                          f"{available} (min of prompt.init_vocab_limit={vocab_limit} and the vocabulary of "
+                          f"{model_path})")

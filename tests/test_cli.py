@@ -39,6 +39,7 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, message: str) ->
         (["stage2.thresold=0.1"], "did you mean stage2.threshold"),
         (["data.split_overrides=[mnli.valid=validation_matched]"], "is not TASK.SPLIT=OFFICIAL_SPLIT"),
         (["data.split_overrides=[rte.validation=validation]"], "names rte, not a task of this run"),
+        (["prompt.length=100"], "prompt.length=100 needs that many distinct embedding rows, but P_init is drawn from 80"),
     ],
 )
 def test_bad_options_stop_before_training(tmp_path, args, message):
