@@ -1,5 +1,6 @@
 """The controlled benchmark's world: a family of text-to-text tasks with planted relations,
-and a tiny T5 *pretrained* on a broad mixture of that family, so that prompt tuning works.
+and a tiny T5 (or decoder-only LLaMA, ``family="llama"``) *pretrained* on a broad mixture of
+that family, so that prompt tuning works.
 
 Why
 ---
@@ -164,20 +165,38 @@ def pretraining_examples(n: int, seed: int = 0) -> list[Example]:
 # Tokenizer and pretrained backbone
 # ---------------------------------------------------------------------------------------
 
-def build_tokenizer(out_dir: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
-    """Word-level T5 tokenizer over this world (pad 0, eos 1, unk 2), saved and reloaded."""
+FAMILIES: tuple[str, ...] = ("t5", "llama")
+
+# Special tokens, post-processing template and tokenizer kwargs per family, laid out as the
+# embedded world's tokenizers are (dtvg_scale/embedded.py), so data.encode_examples treats them alike.
+_TOKENIZER_LAYOUT = {
+    # T5: pad 0 (also the decoder start), eos 1 appended, unk 2
+    "t5": (["<pad>", "</s>", "<unk>"], ("$A </s>", "$A </s> $B </s>", [("</s>", 1)]),
+           {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    # LLaMA: unk 0, bos 1 prepended, eos 2 (appended to targets by encode_examples), pad 3
+    "llama": (["<unk>", "<s>", "</s>", "<pad>"], ("<s> $A", "<s> $A <s> $B", [("<s>", 1)]),
+              {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
+}
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown backbone family {family!r}; expected one of {FAMILIES}")
+    return family
+
+
+def build_tokenizer(out_dir: str | os.PathLike, family: str = "t5") -> transformers.PreTrainedTokenizerBase:
+    """Word-level tokenizer over this world for ``family`` (see ``_TOKENIZER_LAYOUT``), saved and reloaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    specials = ["<pad>", "</s>", "<unk>"]
+    specials, (single, pair, template_specials), special_kwargs = _TOKENIZER_LAYOUT[_check_family(family)]
     tokens = [*specials, *LABELS, *CONTROLLED_TASKS, *RULES, *WORDS]
     backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
-                                                           special_tokens=[("</s>", 1)])
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=template_specials)
     backend.add_special_tokens(specials)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
-                                                model_max_length=512, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>")
+                                                model_max_length=512, **special_kwargs)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
     return transformers.AutoTokenizer.from_pretrained(out_dir)
@@ -196,9 +215,11 @@ class PretrainConfig:
     seed: int = 0
 
 
-def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(), log=print) -> dict:
-    """Pretrain a tiny T5 on the rule mixture, save model + tokenizer to ``out_dir`` (reused
-    when a build with the same settings is there). Returns the stamp with accuracy/time."""
+def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(), log=print,
+             family: str = "t5") -> dict:
+    """Pretrain a tiny T5 or LLaMA (``family``) on the rule mixture, save model + tokenizer to
+    ``out_dir`` (reused when a build with the same settings is there). Returns the stamp with
+    accuracy/time."""
     import dataclasses
 
     import torch
@@ -208,27 +229,16 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
     want = dataclasses.asdict(cfg)
     if stamp_path.is_file() and (out / "model.safetensors").is_file():
         stamp = json.loads(stamp_path.read_text())
-        if stamp.get("config") == want:
+        # stamps written before the llama family existed have no "family": they are T5 builds
+        if stamp.get("config") == want and stamp.get("family", "t5") == family:
             return stamp
-    tok = build_tokenizer(out)
+    tok = build_tokenizer(out, family)
     torch.manual_seed(cfg.seed)
-    config = transformers.T5Config(
-        vocab_size=-(-len(tok) // 8) * 8, d_model=cfg.d_model, d_kv=cfg.d_model // cfg.num_heads, d_ff=cfg.d_ff,
-        num_layers=cfg.num_layers, num_decoder_layers=cfg.num_layers, num_heads=cfg.num_heads, dropout_rate=0.0,
-        feed_forward_proj="relu", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        decoder_start_token_id=tok.pad_token_id,
-    )
-    model = transformers.T5ForConditionalGeneration(config)
+    model = _make_model(family, tok, cfg)
+    decoder_only = not model.config.is_encoder_decoder
     data = pretraining_examples(cfg.n_examples, cfg.seed)
     held = pretraining_examples(512, cfg.seed + 1)
-
-    def encode(rows):
-        enc = tok([r.source for r in rows], padding=True, return_tensors="pt")
-        labels = tok([r.target for r in rows], padding=True, return_tensors="pt").input_ids
-        labels[labels == tok.pad_token_id] = -100
-        return enc.input_ids, enc.attention_mask, labels
-
-    all_ids, all_mask, all_labels = encode(data)  # once: the tokenizer is slow per step
+    all_ids, all_mask, all_labels = _encode(tok, data, decoder_only)  # once: the tokenizer is slow per step
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / cfg.steps))
@@ -241,6 +251,8 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
         mask = all_mask[idx]
         width = int(mask.sum(1).max())
         ids, mask, labels = all_ids[idx, :width], mask[:, :width], all_labels[idx]
+        if decoder_only:  # labels run along the whole sequence there (right-padded like the ids)
+            labels = labels[:, :width]
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
         loss.backward()
@@ -250,13 +262,39 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
         if step % 100 == 0 or step == cfg.steps - 1:
             log(f"pretrain step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     model.eval()
-    accuracy = _accuracy(model, tok, held)
+    accuracy = _accuracy_decoder_only(model, tok, held) if decoder_only else _accuracy(model, tok, held)
     log(f"pretrain held-out accuracy {accuracy:.3f} in {time.time() - t0:.0f}s")
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    stamp = {"config": want, "heldout_accuracy": accuracy, "seconds": round(time.time() - t0, 1)}
+    stamp = {"config": want, "family": family, "heldout_accuracy": accuracy, "seconds": round(time.time() - t0, 1)}
     stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")
     return stamp
+
+
+def _make_model(family: str, tok, cfg: PretrainConfig):
+    """The untrained backbone; the configs are the embedded world's (same T5 config as before)."""
+    from dtvg_scale.embedded import _make_model as make_embedded_model
+
+    vocab_size = -(-len(tok) // 8) * 8
+    return make_embedded_model(family, tok, vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff)
+
+
+def _encode(tok, rows: list[Example], decoder_only: bool):
+    """(input_ids, attention_mask, labels) of all ``rows``, padded right to the longest row.
+
+    T5: source -> target, each closed by eos. Decoder-only: exactly what the prompt-tuning
+    pipeline feeds (``data.encode_examples`` + ``collate_train``): bos, source, then the target
+    closed by eos, loss on the target only; so a soft prompt later meets familiar inputs."""
+    if decoder_only:
+        from dtvg_scale.data import collate_train, encode_examples
+
+        encoded = encode_examples(rows, tok, is_encoder_decoder=False, max_source_length=512, max_target_length=2)
+        batch = collate_train(encoded, tok.pad_token_id, is_encoder_decoder=False)
+        return batch["input_ids"], batch["attention_mask"], batch["labels"]
+    enc = tok([r.source for r in rows], padding=True, return_tensors="pt")
+    labels = tok([r.target for r in rows], padding=True, return_tensors="pt").input_ids
+    labels[labels == tok.pad_token_id] = -100
+    return enc.input_ids, enc.attention_mask, labels
 
 
 def _accuracy(model, tok, rows) -> float:
@@ -270,3 +308,19 @@ def _accuracy(model, tok, rows) -> float:
         pred = logits.argmax(-1)
     gold = torch.tensor([tok.convert_tokens_to_ids(r.target) for r in rows])
     return float((pred == gold).float().mean())
+
+
+def _accuracy_decoder_only(model, tok, rows) -> float:
+    """Exact match of the greedy continuation (label then eos, as the pipeline's evaluation
+    decodes it) on ``rows``, inputs left-padded as ``data.collate_generate`` does."""
+    import torch
+
+    from dtvg_scale.data import collate_generate, encode_examples
+
+    encoded = encode_examples(rows, tok, is_encoder_decoder=False, max_source_length=512, max_target_length=2)
+    batch = collate_generate(encoded, tok.pad_token_id, is_encoder_decoder=False)
+    with torch.no_grad():
+        new = model.generate(**batch, max_new_tokens=2, do_sample=False, num_beams=1,
+                             pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
+    pred = tok.batch_decode(new, skip_special_tokens=True)
+    return sum(p.strip() == r.target for p, r in zip(pred, rows)) / len(rows)

@@ -71,3 +71,18 @@ def test_quick_benchmark_dtvg_group(tmp_path):
     assert not any(row["conflicting_in"] for row in centered["trace"])
     assert centered["sims"]["helpful"]["last"] > 0 > centered["sims"]["unrelated"]["last"]
     assert (out / "plots").is_dir() and any((out / "plots").glob("*.png"))
+
+
+def test_llama_pretraining_format_is_the_pipelines(tmp_path):
+    """The LLaMA backbone is pretrained on what PromptedModel later feeds a decoder-only model:
+    bos, the source, then the target closed by eos, with loss on the target tokens only."""
+    tok = controlled.build_tokenizer(tmp_path, "llama")
+    rows = controlled.pretraining_examples(4)
+    ids, mask, labels = controlled._encode(tok, rows, decoder_only=True)
+    for row, r_ids, r_mask, r_labels in zip(rows, ids, mask, labels):
+        n = int(r_mask.sum())
+        assert tok.decode(r_ids[:n]) == f"<s> {row.source} {row.target} </s>"
+        assert r_labels[r_mask.bool()].tolist() == [-100] * (n - 2) + [tok.convert_tokens_to_ids(row.target),
+                                                                         tok.eos_token_id]
+    model = controlled._make_model("llama", tok, controlled.PretrainConfig(d_model=32, d_ff=64))
+    assert not model.config.is_encoder_decoder and model.config.vocab_size >= len(tok)
