@@ -48,7 +48,7 @@ from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_row
 from dtvg_scale.config import Stage2Args
 from dtvg_scale.data import collate_train, encode_examples, rank_micro_batches
 from dtvg_scale.distributed import DistContext, barrier, init_distributed, on_main_then_all
-from dtvg_scale.engine import build_engine, resolve_ds_config
+from dtvg_scale.engine import build_engine, optimizer_groups, resolve_ds_config
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}, "gradient_clipping": 1.0}
@@ -171,17 +171,22 @@ class Variant:
     length: int
     sources: int = 0
     control: bool = False  # a second, identical plain engine: its ratio to the first is the noise floor
+    # DTVG's three trainable tensors in three optimizer groups (as when their learning rates
+    # differ) instead of the project's one: a diagnostic for what groups cost, since ZeRO-3
+    # all-reduces the gradient norm once per group
+    three_groups: bool = False
 
     @property
     def name(self) -> str:
         name = f"plain r={self.length}" if self.kind == "plain" else f"dtvg r={self.length} K={self.sources}"
-        return name + (" (control)" if self.control else "")
+        return name + (" (control)" if self.control else "") + (" (three groups)" if self.three_groups else "")
 
 
-def variants_of(lengths: list[int], sources: list[int], control: bool) -> list[Variant]:
+def variants_of(lengths: list[int], sources: list[int], control: bool, three_groups: bool = False) -> list[Variant]:
     plain = [Variant("plain", r) for r in lengths]
     dtvg = [Variant("dtvg", r, k) for r in lengths for k in sources]
-    return plain + dtvg + ([Variant("plain", lengths[0], control=True)] if control else [])
+    diagnostic = [Variant("dtvg", lengths[0], k, three_groups=True) for k in sources] if three_groups else []
+    return plain + dtvg + diagnostic + ([Variant("plain", lengths[0], control=True)] if control else [])
 
 
 def largest_trainable(variants: list[Variant], d_model: int) -> int:
@@ -198,7 +203,11 @@ def prompt_module(variant: Variant, init: torch.Tensor) -> tuple[torch.nn.Module
     source_tvs = 0.1 * torch.randn(variant.sources, *init.shape, generator=generator)
     target = init + 0.1 * torch.randn(init.shape, generator=generator)
     module = DTVGPrompt(init, target, source_tvs)
-    groups = [{"params": [p], "lr": 1e-3} for p in (module.prompt, module.target_scale, module.source_scales)]
+    named = [("prompt", module.prompt, 1e-3), ("target_scale", module.target_scale, 1e-3),
+             ("source_scales", module.source_scales, 1e-3)]
+    if variant.three_groups:
+        return module, [{"params": [p], "lr": lr} for _, p, lr in named]
+    groups = optimizer_groups(named)  # as Stage II builds them: one group per learning rate
     return module, groups
 
 
@@ -222,7 +231,7 @@ def training_step(engine, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
 def measure(args: argparse.Namespace, ctx: DistContext) -> tuple[list[Variant], list[dict[str, float]], str]:
     shape = TinyT5(args.d_model, args.layers, args.d_ff)
     model_path = shape.path()
-    variants = variants_of(args.lengths, args.sources, args.control)
+    variants = variants_of(args.lengths, args.sources, args.control, args.three_groups)
     ds_config = zero3_config(args.batch_size, ctx.world_size, largest_trainable(variants, args.d_model))
     engines, backbone = {}, None
     for variant in variants:
@@ -253,6 +262,15 @@ def control_line(variants: list[Variant], medians: list[dict[str, float]]) -> st
             f"{fmt_ratio(ratio_cells(medians, control.name, twin.name))}")
 
 
+def three_group_lines(variants: list[Variant], medians: list[dict[str, float]]) -> str:
+    """DTVG with three optimizer groups over plain, and over the same DTVG with one group."""
+    lines = [f"\nDTVG r={v.length} K={v.sources}, three optimizer groups: / plain "
+             f"{fmt_ratio(ratio_cells(medians, v.name, Variant('plain', v.length).name))}, "
+             f"/ one group {fmt_ratio(ratio_cells(medians, v.name, Variant('dtvg', v.length, v.sources).name))}"
+             for v in variants if v.three_groups]
+    return "".join(lines)
+
+
 def overhead_table(variants: list[Variant], medians: list[dict[str, float]]) -> list[str]:
     """DTVG step / plain step at the same r, and each variant over the first (r, K): the scaling."""
     base_plain = next(v for v in variants if v.kind == "plain")
@@ -260,7 +278,7 @@ def overhead_table(variants: list[Variant], medians: list[dict[str, float]]) -> 
     rank0 = medians[0]
     lines = ["| r | K | plain ms | DTVG ms | DTVG / plain | plain / plain(r0) | DTVG / DTVG(r0, K0) |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
-    for v in (v for v in variants if v.kind == "dtvg"):
+    for v in (v for v in variants if v.kind == "dtvg" and not v.three_groups):
         plain = Variant("plain", v.length)
         lines.append(
             f"| {v.length} | {v.sources} | {rank0[plain.name] * 1e3:.1f} | {rank0[v.name] * 1e3:.1f} "
@@ -277,6 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--blocks", type=int, default=20, help="alternating blocks the timed steps are split into")
     parser.add_argument("--no_control", dest="control", action="store_false",
                         help="skip the A/A control (a second plain engine at the first length)")
+    parser.add_argument("--three_groups", action="store_true",
+                        help="also time DTVG with its 3 trainable tensors in 3 optimizer groups (a diagnostic)")
     parser.add_argument("--sources", type=int, nargs="+", default=[6, 128], help="K; the first is the baseline")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8], help="prompt lengths r; the first is the baseline")
     parser.add_argument("--batch_size", type=int, default=32, help="global batch (over ranks)")
@@ -295,8 +315,10 @@ def main(argv: list[str] | None = None) -> list[tuple[Variant, float, float]]:
     if ctx.is_main:
         print(f"\nStep time, Stage-II DTVG vs plain prompt tuning: {setting}")
         print("Ratios of median step times: rank 0 (largest over ranks); ms are rank 0's medians.\n")
-        print("\n".join(overhead_table(variants, medians)) + control_line(variants, medians), flush=True)
-    return [(v, medians[0][Variant("plain", v.length).name], medians[0][v.name]) for v in variants if v.kind == "dtvg"]
+        print("\n".join(overhead_table(variants, medians)) + three_group_lines(variants, medians)
+              + control_line(variants, medians), flush=True)
+    return [(v, medians[0][Variant("plain", v.length).name], medians[0][v.name])
+            for v in variants if v.kind == "dtvg" and not v.three_groups]
 
 
 if __name__ == "__main__":

@@ -151,6 +151,23 @@ class PromptedModel(nn.Module):
         return output.loss, decision
 
     @torch.no_grad()
+    def example_losses(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                       labels: Tensor) -> tuple[Tensor, Tensor]:
+        """With a given (frozen) prompt: each example's summed label-token cross-entropy [B] and
+        its number of label tokens [B] (the training loss, per example instead of per batch)."""
+        inputs = self.prepend(prompt_rows, input_ids, attention_mask)
+        if not self.is_encoder_decoder:
+            ignore = labels.new_full((labels.shape[0], prompt_rows.shape[0]), -100)
+            labels = torch.cat([ignore, labels], dim=1)
+            logits = self.backbone(**inputs).logits[:, :-1]
+            labels = labels[:, 1:]  # a causal LM predicts token i + 1 at position i
+        else:
+            logits = self.backbone(**inputs, labels=labels).logits
+        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                   reduction="none")
+        return losses.sum(dim=1), (labels != -100).sum(dim=1)
+
+    @torch.no_grad()
     def generate(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, synced: bool):
         """Greedy generation with a given (frozen) prompt; returns only the new tokens.
 

@@ -177,10 +177,18 @@ class Stage2Args(LoopArgs):
     merge: str = _help("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
     temperature: float = _help("Softmax temperature of merge=softmax.", default=1.0)
     scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros.", default="ones")
+    ranking: str = _help(
+        "What ranks and thresholds the sources: task_vector (the paper: similarity of task vectors) or transfer "
+        "(the target's training loss under each source's own Stage-I prompt, measured once before Stage II: "
+        "gain = L(P_init) - L(P_init + T_k); threshold then applies to the gain; KC still uses similarity).",
+        default="task_vector",
+    )
+    transfer_examples: int = _help("Target training examples ranking=transfer scores each source on (the first N).",
+                                   default=256)
     preset: str = _help(
-        "A named set of the knobs above: paper (the default, the authors' code) or centered (similarity="
-        "centered_all: kept conflicting sources out of the group in docs/results.md). Knobs given explicitly win "
-        "over the preset.",
+        "A named set of the knobs above: paper (the default, the authors' code), centered (similarity="
+        "centered_all: kept conflicting sources out of the group) or transfer (ranking=transfer: ranked the "
+        "planted helpful sources first); docs/results.md. Knobs given explicitly win over the preset.",
         default="paper",
     )
 
@@ -191,13 +199,15 @@ class Stage2Args(LoopArgs):
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown stage2.preset {self.preset!r}; known: {', '.join(PRESETS)}")
 
-        for knob in ("similarity", "selection", "merge", "scale_init"):
+        for knob in ("similarity", "selection", "merge", "scale_init", "ranking"):
             if getattr(self, knob) not in VARIANT_KNOBS[knob]:
                 raise ConfigError(f"unknown stage2.{knob} {getattr(self, knob)!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
         if self.selection == "top_k" and (self.top_k is None or self.top_k < 1):
             raise ConfigError("stage2.selection=top_k needs stage2.top_k >= 1")
         if self.temperature <= 0:
             raise ConfigError("stage2.temperature must be > 0")
+        if self.transfer_examples < 1:
+            raise ConfigError("stage2.transfer_examples must be >= 1")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; known strategies: {', '.join(STRATEGIES)}")

@@ -89,7 +89,7 @@ def load_ds_config(path: str) -> dict:
         if owned in config:
             raise ConfigError(
                 f"DeepSpeed config {file} sets '{owned}'; dtvg_scale builds its own (AdamW with one parameter "
-                f"group per trainable tensor and a linear schedule): remove that section"
+                f"group per learning rate and a linear schedule): remove that section"
             )
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -158,6 +158,19 @@ def check_trainable(model: PromptedModel) -> list[nn.Parameter]:
     if not trainable:
         raise ConfigError("nothing to train: the prompt module has no trainable parameter")
     return trainable
+
+
+def optimizer_groups(named: list[tuple[str, nn.Parameter, float]]) -> list[dict]:
+    """AdamW groups from ``(name, parameter, learning rate)``: one group per distinct learning
+    rate, in first-seen order. AdamW treats every parameter alike within a group, so merging
+    changes no update; it saves collectives, because ZeRO-3 all-reduces the gradient norm once
+    per group (DTVG's prompt and scales share one learning rate by default, as in the paper)."""
+    groups: dict[float, dict] = {}
+    for name, param, lr in named:
+        group = groups.setdefault(lr, {"params": [], "lr": lr, "name": ""})
+        group["params"].append(param)
+        group["name"] = f"{group['name']}+{name}" if group["name"] else name
+    return list(groups.values())
 
 
 def build_engine(model: PromptedModel, param_groups: list[dict], loop: LoopArgs, ds_config: dict, weight_decay: float):

@@ -66,6 +66,7 @@ class DTVGPrompt(nn.Module):
         scale_init: str = "ones",
         top_k: int | None = None,
         temperature: float = 1.0,
+        ranking: str = "task_vector",
     ) -> None:
         super().__init__()
         if strategy not in MERGING_STRATEGIES:
@@ -77,7 +78,7 @@ class DTVGPrompt(nn.Module):
             )
         num_sources, length = source_tvs.shape[0], init_prompt.shape[0]
         for knob, value in (("similarity", similarity), ("selection", selection), ("merge", merge),
-                            ("scale_init", scale_init)):
+                            ("scale_init", scale_init), ("ranking", ranking)):
             if value not in variants.VARIANT_KNOBS[knob]:
                 raise ValueError(f"unknown {knob} {value!r}; known: {', '.join(variants.VARIANT_KNOBS[knob])}")
         self.strategy = strategy
@@ -86,23 +87,45 @@ class DTVGPrompt(nn.Module):
         self.max_group_size = max_group_size
         self.similarity, self.selection, self.merge_mode = similarity, selection, merge
         self.top_k, self.temperature = top_k, temperature
+        self.ranking = ranking
         self.register_buffer("init_prompt", init_prompt.detach().clone(), persistent=False)
         self.register_buffer("source_tvs", source_tvs.detach().clone(), persistent=False)
         self.register_buffer("fixed_mask", torch.zeros(num_sources, dtype=torch.bool))
         self.register_buffer("fixed_decided", torch.zeros((), dtype=torch.bool))
+        # ranking="transfer": the sources' transfer gains, measured once before training
+        # (set_transfer_gain); persistent, so a resumed run ranks with the values it started with
+        self.register_buffer("transfer_gain", torch.zeros(num_sources, dtype=torch.float32))
+        self.transfer_measured = False
         self.prompt = nn.Parameter(target_prompt.detach().clone())
         target_scale, source_scales = variants.init_scales(num_sources, length, scale_init, dtype=init_prompt.dtype)
         self.target_scale = nn.Parameter(target_scale)
         self.source_scales = nn.Parameter(source_scales)
 
+    def set_transfer_gain(self, gain: Tensor) -> None:
+        """The sources' transfer gains [K] (``dtvg_scale.transfer``), for ranking="transfer"."""
+        if gain.shape != self.transfer_gain.shape:
+            raise ValueError(f"transfer gain has shape {tuple(gain.shape)}, expected {tuple(self.transfer_gain.shape)}")
+        self.transfer_gain.copy_(gain)
+        self.transfer_measured = True
+
     def decide(self) -> tuple[Tensor, GroupDecision]:
         """The grouping decision, on detached scaled vectors; updates fixed_group's state."""
+        ranked_by = None
+        if self.ranking == "transfer":
+            if not self.transfer_measured:
+                raise RuntimeError("ranking='transfer' needs set_transfer_gain() before the first step")
+            ranked_by = self.transfer_gain
         with torch.no_grad():
             target_tv = self.prompt - self.init_prompt
-            scaled_target = self.target_scale.unsqueeze(-1) * target_tv
-            scaled_sources = self.source_scales.unsqueeze(-1) * self.source_tvs
+            if self.similarity in variants.POOLED_SIMILARITIES:  # token means only: one pass over the sources
+                scaled_target = variants.scaled_token_means(self.target_scale, target_tv)
+                scaled_sources = variants.scaled_token_means(self.source_scales, self.source_tvs)
+            else:
+                scaled_target = self.target_scale.unsqueeze(-1) * target_tv
+                scaled_sources = self.source_scales.unsqueeze(-1) * self.source_tvs
             decision = variants.decide(scaled_target, scaled_sources, self.similarity, self.selection,
-                                       self.threshold, self.kc_weight, self.max_group_size, self.top_k)
+                                       self.threshold, self.kc_weight, self.max_group_size, self.top_k,
+                                       target_sim=ranked_by)
             mask, fixed_mask, fixed_decided = strategy_mask(
                 self.strategy, decision, self.threshold, self.fixed_mask, self.fixed_decided
             )

@@ -15,6 +15,7 @@ Each run loads the backbone afresh (ZeRO-3 partitions it as it loads) and is ski
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -28,11 +29,13 @@ from dtvg_scale.checkpoint import load_tensors, save_tensors
 from dtvg_scale.config import Config, ConfigError, LoopArgs
 from dtvg_scale.data import encode_examples
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
-from dtvg_scale.engine import PromptRun, RunSpec, RunStopped, build_engine, resolve_ds_config, resolve_precision
+from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
+                               resolve_precision)
 from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.strategies import spot_source
 from dtvg_scale.tracking import flatten, make_tracker
+from dtvg_scale.transfer import target_losses, transfer_gains
 
 
 class StageError(ValueError):
@@ -156,9 +159,18 @@ class Pipeline:
                        stop_after=run.stop_after, on_evaluate=self.on_evaluate)
 
     def _train(self, backbone: Backbone, ds_config: dict, module: torch.nn.Module, groups: list[dict],
-               loop: LoopArgs, spec: RunSpec, **artifacts: Any) -> dict[str, Any]:
+               loop: LoopArgs, spec: RunSpec, prepare: Callable[[Any], None] | None = None,
+               **artifacts: Any) -> dict[str, Any]:
+        """Train ``module`` on the frozen backbone; ``prepare(engine)`` runs first (on every rank:
+        a forward through a ZeRO-3 engine is a collective)."""
         prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
         engine = build_engine(prompted, groups, loop, ds_config, loop.weight_decay)
+        if prepare is not None:
+            try:
+                prepare(engine)
+            except BaseException:
+                engine.destroy()
+                raise
         run = self.cfg.run
         tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
         stage, _, name = spec.name.partition("/")
@@ -299,20 +311,42 @@ class Pipeline:
             else:
                 module = DTVGPrompt(p_init.to(device), target_prompt.to(device), source_tvs.to(device), strategy,
                                     loop.threshold, loop.kc_weight, loop.max_group_size, loop.similarity,
-                                    loop.selection, loop.merge, loop.scale_init, loop.top_k, loop.temperature)
-                groups = [
-                    {"params": [module.prompt], "lr": loop.prompt_lr, "name": "prompt"},
-                    {"params": [module.target_scale], "lr": loop.target_scale_lr, "name": "target_scale"},
-                    {"params": [module.source_scales], "lr": loop.source_scale_lr, "name": "source_scales"},
-                ]
+                                    loop.selection, loop.merge, loop.scale_init, loop.top_k, loop.temperature,
+                                    loop.ranking)
+                groups = optimizer_groups([("prompt", module.prompt, loop.prompt_lr),
+                                           ("target_scale", module.target_scale, loop.target_scale_lr),
+                                           ("source_scales", module.source_scales, loop.source_scale_lr)])
                 meta = {"strategy": strategy}
             spec = self._spec(f"stage2/{strategy}", out_dir, loop, cfg.data.target, backbone,
                               source_names=names if strategy != "spot" else ())
-            results[strategy] = {**self._train(backbone, ds_config, module, groups, loop, spec,
+            prepare = None
+            if strategy != "spot" and loop.ranking == "transfer":
+                prepare = functools.partial(self._measure_transfer, spec=spec, names=names,
+                                            pad_id=backbone.tokenizer.pad_token_id)
+            results[strategy] = {**self._train(backbone, ds_config, module, groups, loop, spec, prepare=prepare,
                                                artifact_meta={**self._fingerprint(), **meta}), **meta}
             if self.ctx.is_main:  # keep the strategy's facts (e.g. SPoT's source) for reruns that skip it
                 (out_dir / "result.json").write_text(json.dumps(results[strategy], indent=2) + "\n")
         return results
+
+    def _measure_transfer(self, engine, spec: RunSpec, names: tuple[str, ...], pad_id: int) -> None:
+        """ranking=transfer: score every source's own prompt (P_init + T_k) and P_init on the
+        target's first ``stage2.transfer_examples`` training examples, hand the gains to the DTVG
+        prompt and write them to ``<run>/transfer.json``."""
+        module: DTVGPrompt = engine.module.prompt
+        loop = self.cfg.stage2
+        prompts = torch.cat([module.init_prompt.unsqueeze(0), module.init_prompt + module.source_tvs])
+        examples = spec.train[: loop.transfer_examples]
+        losses = target_losses(engine.module, prompts, examples, pad_id, loop.eval_batch_size,
+                               self.ctx.rank, self.ctx.world_size)
+        gains = transfer_gains(losses[0], losses[1:])
+        module.set_transfer_gain(gains.to(module.transfer_gain.device))
+        if self.ctx.is_main:
+            spec.out_dir.mkdir(parents=True, exist_ok=True)
+            report = {"examples": len(examples), "init_loss": float(losses[0]),
+                      "sources": {name: {"loss": float(loss), "gain": float(gain)}
+                                  for name, loss, gain in zip(names, losses[1:], gains, strict=True)}}
+            (spec.out_dir / "transfer.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _hidden_size(model_path: str) -> int:

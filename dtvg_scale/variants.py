@@ -57,6 +57,7 @@ __all__ = [
     "SIMILARITIES",
     "VARIANT_DEFAULTS",
     "VARIANT_KNOBS",
+    "POOLED_SIMILARITIES",
     "PRESETS",
     "center",
     "centered_all",
@@ -69,6 +70,7 @@ __all__ = [
     "mean_cosine",
     "mean_dot",
     "merge",
+    "scaled_token_means",
     "token_cosine",
 ]
 
@@ -173,6 +175,21 @@ SIMILARITIES: dict[str, SimilarityFn] = {
 }
 
 
+# The similarities that see a task vector only through its token mean ``mean_r`` (centering is
+# linear, so it commutes with the mean): for them ``scaled_token_means`` is an exact stand-in for
+# the full scaled vectors, without materialising ``[K, r, d]`` (26 MB at K=128, r=200, d=256).
+POOLED_SIMILARITIES: tuple[str, ...] = ("mean_dot", "mean_cosine", "centered_sources", "centered_all")
+
+
+def scaled_token_means(scales: Tensor, vectors: Tensor) -> Tensor:
+    """``mean_r(scales[..., r, None] * vectors)`` kept as one token: ``[..., 1, d]`` from scales
+    ``[..., r]`` and vectors ``[..., r, d]``, in the compute dtype (>= float32). A pooled
+    similarity gives (up to rounding) the same result on these as on the scaled vectors."""
+    dtype = compute_dtype(vectors.dtype)
+    pooled = torch.einsum("...r,...rd->...d", scales.to(dtype), vectors.to(dtype)) / vectors.shape[-2]
+    return pooled.unsqueeze(-2)
+
+
 # --------------------------------------------------------------------------------------------
 # selection
 # --------------------------------------------------------------------------------------------
@@ -249,6 +266,7 @@ def decide(
     kc_weight: float | None = None,
     max_group_size: int | None = None,
     top_k: int | None = None,
+    target_sim: Tensor | None = None,
 ) -> GroupDecision:
     """One grouping decision with any similarity and selection rule.
 
@@ -269,9 +287,14 @@ def decide(
     - ``top_k``: the ``top_k`` (>= 1) best-ranked candidates (fewer if fewer candidates), at
       most ``max_group_size``; ``kc_weight`` is ignored.
 
-    The returned ``GroupDecision`` always holds the chosen similarity's ``target_sim``, the
-    ranking, the number of candidates and the KC curve of the ranked prefixes (a diagnostic,
-    whatever the selection); ``mask`` and ``group_size`` are the selection's.
+    ``target_sim`` [K], if given, replaces the similarity's source-to-target scores: it ranks
+    and thresholds the sources (``stage2.ranking=transfer`` passes the function-space transfer
+    gains of ``dtvg_scale.transfer``), while KC still compares the task vectors with
+    ``similarity``.
+
+    The returned ``GroupDecision`` always holds the ``target_sim`` used, the ranking, the number
+    of candidates and the KC curve of the ranked prefixes (a diagnostic, whatever the
+    selection); ``mask`` and ``group_size`` are the selection's.
     """
     if similarity not in SIMILARITIES:
         raise ValueError(f"unknown similarity {similarity!r}; known: {', '.join(SIMILARITIES)}")
@@ -284,7 +307,13 @@ def decide(
     if selection == "top_k" and (top_k is None or top_k < 1):
         raise ValueError(f"selection 'top_k' needs top_k >= 1, got {top_k}")
 
-    target_sim, pair_sim = SIMILARITIES[similarity](target_tv, source_tvs)
+    vector_sim, pair_sim = SIMILARITIES[similarity](target_tv, source_tvs)
+    if target_sim is None:
+        target_sim = vector_sim
+    elif target_sim.shape != vector_sim.shape:
+        raise ValueError(f"target_sim has shape {tuple(target_sim.shape)}, expected {tuple(vector_sim.shape)}")
+    else:
+        target_sim = target_sim.to(vector_sim.dtype)
     prefix_kc_weight = kc_weight if selection == "greedy_prefix" else None
     decision = prefix_decision(target_sim, pair_sim, threshold, prefix_kc_weight, max_group_size)
     if selection == "greedy_prefix":
@@ -393,6 +422,9 @@ VARIANT_KNOBS: dict[str, tuple[str, ...]] = {
     "selection": SELECTIONS,  # decide(selection=...); "exact" needs K <= 16, "top_k" needs top_k
     "merge": MERGES,  # merge(mode=...); "softmax" uses target_sim and temperature
     "scale_init": SCALE_INITS,  # init_scales(mode=...); "constant" needs value
+    # what ranks and thresholds the sources: task-vector similarity (the paper) or the
+    # function-space transfer gain of dtvg_scale.transfer (decide(target_sim=...))
+    "ranking": ("task_vector", "transfer"),
 }
 """Categorical knob -> allowed values (first = the paper's default). Numeric knobs next to them:
 threshold (float, 0.0), kc_weight (float or None: KC alone for greedy_prefix, 1.0 for exact),
@@ -408,5 +440,10 @@ PRESETS: dict[str, dict[str, object]] = {
     # steps, 10 runs) at a target score within the paper's spread (docs/results.md, "Which variant
     # when"): centering removes the component every task vector shares
     "centered": {"similarity": "centered_all"},
+    # rank sources by how well their own Stage-I prompt already does on the target's training
+    # examples (function space), not by task-vector similarity: on the controlled benchmark it put
+    # the planted helpful pair on top in 10 of 10 runs, every task-vector similarity in <= 3
+    # (benchmarks/controlled/relatedness.py)
+    "transfer": {"ranking": "transfer"},
 }
 """``stage2.preset`` -> the Stage-II knobs it sets; knobs given explicitly win over the preset."""

@@ -8,6 +8,7 @@ from dtvg_scale.backbone import PromptedModel, load_backbone, resolve_model_path
 from dtvg_scale.data import (collate_generate, collate_train, encode_examples, eval_shard, global_batch_indices,
                              rank_micro_batches)
 from dtvg_scale.prompts import SoftPrompt
+from dtvg_scale.transfer import target_losses, transfer_gains
 
 
 @pytest.fixture(scope="module", params=["t5", "llama"])
@@ -55,6 +56,24 @@ def test_generation_does_not_depend_on_padding(prompted):
         single = model.generate(model.prompt.prompt, alone["input_ids"], alone["attention_mask"], 4, synced=False)
         decode = lambda ids: backbone.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         assert decode(together[i]) == decode(single[0])
+
+
+def test_transfer_losses_are_the_training_loss_per_token_for_every_prompt(prompted):
+    # target_losses over several batches = the training forward's loss over one batch holding
+    # every example (HF averages over all label tokens), for each prompt
+    model, backbone = prompted
+    examples = encode_examples(embedded.embedded_task("emb_target", n_train=7).train, backbone.tokenizer,
+                               backbone.is_encoder_decoder, 256, 4)
+    torch.manual_seed(1)
+    prompts = torch.randn(3, 4, backbone.hidden_size)
+    losses = target_losses(model, prompts, examples, backbone.tokenizer.pad_token_id, 3, 0, 1)
+    batch = collate_train(examples, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
+    model.eval()
+    for prompt, loss in zip(prompts, losses, strict=True):
+        expected, _ = PromptedModel(model.backbone, SoftPrompt(prompt), backbone.is_encoder_decoder)(**batch)
+        torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(transfer_gains(losses[0], losses[1:]), losses[0] - losses[1:])
+    assert len(set(losses.tolist())) == 3
 
 
 def test_batches_are_a_function_of_seed_and_step():

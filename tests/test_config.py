@@ -82,5 +82,9 @@ def test_preset_sets_its_knobs_and_explicit_knobs_win():
     assert (centered.preset, centered.similarity, centered.merge) == ("centered", "centered_all", "sum")
     explicit = load_config(None, ["stage2.similarity=centered_sources", "stage2.preset=centered"]).stage2
     assert explicit.similarity == "centered_sources"
-    with pytest.raises(ConfigError, match="unknown stage2.preset 'best'; known: paper, centered"):
+    transfer = load_config(None, ["stage2.preset=transfer"]).stage2
+    assert (transfer.ranking, transfer.similarity) == ("transfer", "mean_dot")
+    with pytest.raises(ConfigError, match="unknown stage2.ranking 'loss'"):
+        load_config(None, ["stage2.ranking=loss"])
+    with pytest.raises(ConfigError, match="unknown stage2.preset 'best'; known: paper, centered, transfer"):
         load_config(None, ["stage2.preset=best"])

@@ -62,8 +62,10 @@ def _losses(path: Path) -> list[float]:
 def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     out = tmp_path / "run"
     tracked = ["run.tracking=true"] if family == "t5" else []  # MLflow from rank 0 of a 2-rank job
+    # LLaMA ranks the sources by transfer: forward passes through the ZeRO-3 engine before training
+    transfer = ["stage2.ranking=transfer"] if family == "llama" else []
     result = launch("dtvg_scale/train.py", "--ds_config", "ds_configs/zero3.json",
-                    f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *TINY, *tracked)
+                    f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *TINY, *tracked, *transfer)
     _check(result)
     assert "DTVG group over time" in result.stdout and "share of steps" in result.stdout
     summary = json.loads((out / "results.json").read_text())
@@ -83,6 +85,11 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     assert all(group == fixed[0] for group in fixed)
     assert not (out / "stage2" / "spot" / "group_trace.jsonl").exists()
     assert json.loads((out / "stage2" / "target_only" / "group_trace.jsonl").read_text().splitlines()[0])["group"] == []
+    if transfer:  # the measured gains rank the sources at every step (the ranks agreed: check_rank_agreement)
+        gains = json.loads((out / "stage2" / "dtvg" / "transfer.json").read_text())
+        assert gains["examples"] == 128 and set(gains["sources"]) == {"emb_help_a", "emb_conf_a"}
+        for row in trace:
+            assert row["similarity"] == pytest.approx({k: v["gain"] for k, v in gains["sources"].items()})
     if tracked:  # one MLflow run per Stage-I task and Stage-II strategy, in sqlite beside the run folder
         from mlflow.tracking import MlflowClient
 

@@ -102,7 +102,8 @@ def test_fixed_group_keeps_the_first_decision():
 
 def test_dtvg_prompt_checkpoints_hold_only_trainable_state():
     module = DTVGPrompt(torch.zeros(2, 3), torch.ones(2, 3), torch.ones(4, 2, 3))
-    assert set(module.state_dict()) == {"prompt", "target_scale", "source_scales", "fixed_mask", "fixed_decided"}
+    assert set(module.state_dict()) == {"prompt", "target_scale", "source_scales", "fixed_mask", "fixed_decided",
+                                        "transfer_gain"}
     assert set(SoftPrompt(torch.zeros(2, 3)).state_dict()) == {"prompt"}
 
 
@@ -152,3 +153,25 @@ def test_dtvg_prompt_uses_the_variant_knobs():
     torch.testing.assert_close(zeros()[0], target)
     with pytest.raises(ValueError, match="unknown similarity"):
         DTVGPrompt(init, target, sources, similarity="magic")
+
+
+def test_transfer_ranking_ranks_by_the_measured_gains_and_needs_them():
+    # by task vectors source 0 is the most similar; the transfer gains rank 2, 1 first and put 0
+    # below the threshold: the group is a prefix of the gains' ranking, KC from the vectors
+    init = torch.zeros(2, 3)
+    target = torch.ones(2, 3)
+    sources = torch.stack([torch.ones(2, 3), 0.5 * torch.ones(2, 3), 0.4 * torch.ones(2, 3)])
+    module = DTVGPrompt(init, target, sources, ranking="transfer", threshold=0.0)
+    with pytest.raises(RuntimeError, match="set_transfer_gain"):
+        module()
+    module.set_transfer_gain(torch.tensor([-0.5, 1.0, 2.0]))
+    _, decision = module()
+    assert decision.order.tolist() == [2, 1, 0]
+    assert int(decision.num_candidates) == 2
+    assert decision.mask.tolist() == [False, True, True]
+    torch.testing.assert_close(decision.target_sim, torch.tensor([-0.5, 1.0, 2.0]))
+    assert module.state_dict()["transfer_gain"].tolist() == [-0.5, 1.0, 2.0]  # a resumed run keeps them
+    with pytest.raises(ValueError, match="transfer gain has shape"):
+        module.set_transfer_gain(torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown ranking"):
+        DTVGPrompt(init, target, sources, ranking="loss")

@@ -47,12 +47,13 @@ def test_registry_and_knobs():
         "centered_all",
         "token_cosine",
     }
-    assert set(VARIANT_KNOBS) == {"similarity", "selection", "merge", "scale_init"}
+    assert set(VARIANT_KNOBS) == {"similarity", "selection", "merge", "scale_init", "ranking"}
     assert VARIANT_DEFAULTS == {
         "similarity": "mean_dot",
         "selection": "greedy_prefix",
         "merge": "sum",
         "scale_init": "ones",
+        "ranking": "task_vector",
     }
 
 
@@ -622,3 +623,36 @@ def test_uniform_init_sum_of_all_is_mean():
     torch.testing.assert_close(merge(init, t, a_t, s, a_k, everything, "sum"), init + t + s.mean(0))
     a_t, a_k = init_scales(4, 2, "ones")
     torch.testing.assert_close(merge(init, t, a_t, s, a_k, everything, "mean"), init + t + s.mean(0))
+
+
+def test_given_target_sim_ranks_and_thresholds_while_kc_compares_vectors():
+    # sources 0 and 1 point the same way, 2 the other way; by mean_dot the target (+1) ranks
+    # 0, 1 first. Given scores rank 2 first and leave 1 below the threshold: candidates are
+    # [2, 0], and KC of {2, 0} (opposite vectors) is negative, so the group is {2} alone.
+    target = torch.ones(1, 2)
+    sources = torch.stack([torch.ones(1, 2), torch.ones(1, 2), -torch.ones(1, 2)])
+    given = torch.tensor([0.5, -0.1, 0.9])
+    decision = decide(target, sources, target_sim=given, threshold=0.0)
+    assert decision.order.tolist() == [2, 0, 1]
+    assert int(decision.num_candidates) == 2 and decision.mask.tolist() == [False, False, True]
+    torch.testing.assert_close(decision.target_sim, given)
+    assert float(decision.kc[1]) < 0  # KC still from the task vectors
+    plain = decide(target, sources, threshold=0.0)
+    assert plain.order.tolist()[:2] == [0, 1] and plain.mask.tolist() == [True, True, False]
+    with pytest.raises(ValueError, match="target_sim has shape"):
+        decide(target, sources, target_sim=torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", variants.POOLED_SIMILARITIES)
+def test_pooled_similarities_decide_the_same_on_scaled_token_means(name):
+    # what DTVGPrompt feeds them instead of the [K, r, d] scaled vectors
+    g = torch.Generator().manual_seed(3)
+    target, sources = torch.randn(5, 7, generator=g), torch.randn(9, 5, 7, generator=g)
+    target_scale, source_scales = torch.rand(5, generator=g), torch.rand(9, 5, generator=g)
+    full = decide(target_scale[:, None] * target, source_scales[..., None] * sources, name)
+    pooled = decide(variants.scaled_token_means(target_scale, target),
+                    variants.scaled_token_means(source_scales, sources), name)
+    assert torch.equal(full.mask, pooled.mask) and torch.equal(full.order, pooled.order)
+    torch.testing.assert_close(full.target_sim, pooled.target_sim)
+    torch.testing.assert_close(full.kc, pooled.kc)
+    assert name not in ("flat_dot", "flat_cosine", "token_cosine")

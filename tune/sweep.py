@@ -11,7 +11,7 @@ Stage I is computed once (or taken from ``--stage1_dir``) and shared by every tr
 options, reporting the validation score at every evaluation. Search: Optuna (TPE) with ASHA
 early stopping on that score, or a grid (``--search grid``). Searched: ``stage2.threshold``,
 ``stage2.kc_weight`` (λ, with "kc_only" for the authors' rule), ``stage2.max_group_size``, the
-two scale learning rates, and with ``--variants`` the similarity, selection and merge variants.
+two scale learning rates, and with ``--variants`` the similarity, selection, merge and ranking variants.
 Each trial is an MLflow run (Ray's MLflowLoggerCallback: FINISHED, FAILED or stopped by ASHA and
 then FINISHED, never left RUNNING) under one experiment per sweep, with its run folder (group
 trace, heatmap, prompts) as artifacts; the best trial is tagged ``best_trial=true``, and its
@@ -66,6 +66,7 @@ def search_space(search: str, variants: bool) -> dict[str, Any]:
         space["stage2.similarity"] = tune.choice(list(VARIANT_KNOBS["similarity"]))
         space["stage2.merge"] = tune.choice(list(VARIANT_KNOBS["merge"]))
         space["stage2.selection"] = tune.choice(["greedy_prefix", "exact"])
+        space["stage2.ranking"] = tune.choice(list(VARIANT_KNOBS["ranking"]))
     return space
 
 

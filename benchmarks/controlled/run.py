@@ -45,6 +45,10 @@ VARIANTS = {  # name -> (strategy, Stage-II overrides); each reuses the seed's S
     "centered_all_positive_only": ("positive_only", ["stage2.similarity=centered_all"]),
     # the named preset itself (today = dtvg_centered_all); the quick test runs it, the full table does not repeat it
     "dtvg_preset_centered": ("dtvg", ["stage2.preset=centered"]),
+    # sources ranked by their prompt's loss on the target's training examples (function space);
+    # KC as in the paper (mean_dot) or on flattened cosines
+    "dtvg_preset_transfer": ("dtvg", ["stage2.preset=transfer"]),
+    "dtvg_transfer_flat_cosine": ("dtvg", ["stage2.ranking=transfer", "stage2.similarity=flat_cosine"]),
 }
 DEFAULT_VARIANTS = [name for name in VARIANTS if name != "dtvg_preset_centered"]
 FULL = dict(pretrain=controlled.PretrainConfig(), stage1_steps=200, stage2_steps=150, eval_every=50, eval_size=128)
@@ -110,6 +114,13 @@ def base_args(backbone: str, seed: int, s: dict, init_seed: int | None = None) -
     ]
 
 
+def finished(run_dir: Path, strategies: list[str]) -> bool:
+    """The run's results.json holds every strategy asked for: nothing to do (train.py would
+    skip every stage too, but only after loading the backbone)."""
+    results = read_json(run_dir / "results.json")
+    return results is not None and set(strategies) <= set(results.get("stage2", {}))
+
+
 def run_seed(out: Path, backbone: str, seed: int, s: dict, variants: list[str], strategies: list[str],
              offset: int = 0) -> None:
     base = out / run_name(seed, offset)
@@ -117,9 +128,12 @@ def run_seed(out: Path, backbone: str, seed: int, s: dict, variants: list[str], 
     log = base / "train.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     args = base_args(backbone, seed, s, seed + offset)
-    train([*args, f"run.output_dir={main}", f"stage2.strategies=[{','.join(strategies)}]"], log)
+    if not finished(main, strategies):
+        train([*args, f"run.output_dir={main}", f"stage2.strategies=[{','.join(strategies)}]"], log)
     for name in variants:
         strategy, overrides = VARIANTS[name]
+        if finished(base / name, [strategy]):
+            continue
         train([*args, *overrides, f"run.output_dir={base / name}", "run.stages=stage2",
                f"run.stage1_dir={main / 'stage1'}", f"stage2.strategies=[{strategy}]"], log)
 
