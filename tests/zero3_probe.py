@@ -16,6 +16,7 @@ from dtvg_scale.distributed import prepare_environment  # noqa: E402
 prepare_environment()
 
 import torch  # noqa: E402
+import torch.distributed  # noqa: E402
 
 from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path  # noqa: E402
 from dtvg_scale.config import Stage1Args  # noqa: E402
@@ -73,6 +74,10 @@ def main() -> None:
     }
     (out_dir / f"rank{ctx.rank}.json").write_text(json.dumps(report))
     engine.destroy()
+    # tear the process group down in order: left to interpreter exit, gloo's threads were once
+    # destroyed while joinable ("terminate called without an active exception", rank 1 aborted)
+    barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
