@@ -6,6 +6,9 @@ Launched by ``deepspeed`` (or torchrun) the ranks come from the environment; run
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import glob
 import os
 import socket
 from dataclasses import dataclass
@@ -57,6 +60,7 @@ def init_distributed() -> DistContext:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
         device = torch.device("cpu")
+        atexit.register(_unlink_shm_buffer, local_rank)
         # Small randomly initialised models produce denormal floats, which x86 CPUs handle
         # ~40x slower (seen: 1.0 s vs 0.024 s per tiny-T5 step); flushing them changes no result
         # that matters and is what GPUs do in practice.
@@ -69,6 +73,17 @@ def init_distributed() -> DistContext:
         accelerator.set_device(local_rank)
         device = torch.device(accelerator.device_name(local_rank))
     return DistContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def _unlink_shm_buffer(local_rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MB ``/dev/shm`` file per rank, named after the
+    master address and port, and never removes it: each launch leaked 132 MB of RAM (20 GB seen
+    after a day of runs). Removing the name at exit is safe: mappings outlive the name."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if address and port:
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{address}_{port}_{local_rank}"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def barrier() -> None:
