@@ -141,12 +141,18 @@ class PromptedModel(nn.Module):
             inputs["position_ids"] = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
         return inputs
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor):
-        prompt_rows, decision = self.prompt()
+    def prepend_with_labels(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                            labels: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """``prepend``, and the labels to match: decoder-only labels get -100 over the prompt."""
         inputs = self.prepend(prompt_rows, input_ids, attention_mask)
         if not self.is_encoder_decoder:
             ignore = labels.new_full((labels.shape[0], prompt_rows.shape[0]), -100)
             labels = torch.cat([ignore, labels], dim=1)
+        return inputs, labels
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor):
+        prompt_rows, decision = self.prompt()
+        inputs, labels = self.prepend_with_labels(prompt_rows, input_ids, attention_mask, labels)
         output = self.backbone(**inputs, labels=labels)
         return output.loss, decision
 
@@ -155,10 +161,8 @@ class PromptedModel(nn.Module):
                        labels: Tensor) -> tuple[Tensor, Tensor]:
         """With a given (frozen) prompt: each example's summed label-token cross-entropy [B] and
         its number of label tokens [B] (the training loss, per example instead of per batch)."""
-        inputs = self.prepend(prompt_rows, input_ids, attention_mask)
+        inputs, labels = self.prepend_with_labels(prompt_rows, input_ids, attention_mask, labels)
         if not self.is_encoder_decoder:
-            ignore = labels.new_full((labels.shape[0], prompt_rows.shape[0]), -100)
-            labels = torch.cat([ignore, labels], dim=1)
             logits = self.backbone(**inputs).logits[:, :-1]
             labels = labels[:, 1:]  # a causal LM predicts token i + 1 at position i
         else:

@@ -165,12 +165,6 @@ class Pipeline:
         a forward through a ZeRO-3 engine is a collective)."""
         prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
         engine = build_engine(prompted, groups, loop, ds_config, loop.weight_decay)
-        if prepare is not None:
-            try:
-                prepare(engine)
-            except BaseException:
-                engine.destroy()
-                raise
         run = self.cfg.run
         tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
         stage, _, name = spec.name.partition("/")
@@ -178,6 +172,8 @@ class Pipeline:
                       tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)})
         status = "FAILED"
         try:
+            if prepare is not None:
+                prepare(engine)
             result = PromptRun(self.ctx, backbone, engine, spec, tracker=tracker, **artifacts).train()
             status = "FINISHED"
             return result

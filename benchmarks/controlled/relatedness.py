@@ -38,58 +38,37 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 from dtvg_scale import controlled, variants  # noqa: E402
-from dtvg_scale.backbone import PromptedModel  # noqa: E402
+from dtvg_scale.backbone import PromptedModel, load_backbone  # noqa: E402
 from dtvg_scale.data import collate_train, encode_examples  # noqa: E402
 from dtvg_scale.prompts import SoftPrompt  # noqa: E402
+from dtvg_scale.transfer import target_losses, transfer_gains  # noqa: E402
 
 SIGNALS = ("mean_dot", "centered_all", "transfer", "added", "grad_init")
 RELATIONS = ("helpful", "unrelated", "conflicting")
 
 
-def load_backbone(folder: Path):
-    config = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(folder).eval()
-    model.requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(folder), bool(config.is_encoder_decoder)
-
-
-def target_batch(run_config: dict, tokenizer, is_encoder_decoder: bool) -> dict[str, torch.Tensor]:
-    """The target's training examples (8 in the controlled world) as one batch."""
+def target_examples(run_config: dict, tokenizer, is_encoder_decoder: bool):
+    """The target's training examples (8 in the controlled world), encoded as the run did."""
     data = run_config["data"]
     task = controlled.controlled_task(data["target"], seed=data["seed"], n_train=data["embedded_train_size"])
-    encoded = encode_examples(task.train, tokenizer, is_encoder_decoder, data["max_source_length"],
-                              data["max_target_length"])
-    return collate_train(encoded, tokenizer.pad_token_id, is_encoder_decoder)
+    return encode_examples(task.train, tokenizer, is_encoder_decoder, data["max_source_length"],
+                           data["max_target_length"])
 
 
-def target_loss(model, is_encoder_decoder: bool, batch: dict, prompt: torch.Tensor) -> torch.Tensor:
-    prompted = PromptedModel(model, SoftPrompt(prompt.detach()), is_encoder_decoder)
-    loss, _ = prompted(**batch)
-    return loss
-
-
-def loss_of(model, is_encoder_decoder: bool, batch: dict, prompt: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float(target_loss(model, is_encoder_decoder, batch, prompt))
-
-
-def descent_direction(model, is_encoder_decoder: bool, batch: dict, prompt: torch.Tensor) -> torch.Tensor:
-    prompted = PromptedModel(model, SoftPrompt(prompt.detach()), is_encoder_decoder)
+def descent_direction(model: PromptedModel, batch: dict, prompt: torch.Tensor) -> torch.Tensor:
+    prompted = PromptedModel(model.backbone, SoftPrompt(prompt.detach()), model.is_encoder_decoder)
     loss, _ = prompted(**batch)
     (grad,) = torch.autograd.grad(loss, prompted.prompt.prompt)
     return -grad
 
 
-def scores_of_run(run: Path, model, tokenizer, is_encoder_decoder: bool) -> dict[str, dict[str, float]]:
+def scores_of_run(run: Path, backbone) -> dict[str, dict[str, float]]:
     """signal -> source -> score (higher = more related to the target)."""
     main = run / "main"
-    import yaml
-
     config = yaml.safe_load((main / "config.yaml").read_text())
     target, sources = config["data"]["target"], config["data"]["sources"]
     init = load_file(main / "init_prompt.safetensors")["init_prompt"].float()
@@ -97,17 +76,21 @@ def scores_of_run(run: Path, model, tokenizer, is_encoder_decoder: bool) -> dict
                for name in [target, *sources]}
     target_tv = prompts[target] - init
     source_tvs = torch.stack([prompts[name] - init for name in sources])
-    batch = target_batch(config, tokenizer, is_encoder_decoder)
+    pad_id, is_encoder_decoder = backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder
+    examples = target_examples(config, backbone.tokenizer, is_encoder_decoder)
+    model = PromptedModel(backbone.model, SoftPrompt(init), is_encoder_decoder).eval()  # no dropout anywhere
     scores: dict[str, dict[str, float]] = {}
     for name in ("mean_dot", "centered_all"):
         sims, _ = variants.SIMILARITIES[name](target_tv, source_tvs)
         scores[name] = dict(zip(sources, sims.tolist(), strict=True))
-    untrained = loss_of(model, is_encoder_decoder, batch, init)
-    scores["transfer"] = {k: untrained - loss_of(model, is_encoder_decoder, batch, prompts[k]) for k in sources}
-    base = loss_of(model, is_encoder_decoder, batch, prompts[target])
-    scores["added"] = {k: base - loss_of(model, is_encoder_decoder, batch, prompts[target] + prompts[k] - init)
-                       for k in sources}
-    descent = descent_direction(model, is_encoder_decoder, batch, init).flatten()
+    # the same measurement as stage2.ranking=transfer (one batch: all examples), and the merge at scale 1
+    losses = target_losses(model, torch.cat([init[None], init + source_tvs]), examples, pad_id, len(examples), 0, 1)
+    scores["transfer"] = dict(zip(sources, transfer_gains(losses[0], losses[1:]).tolist(), strict=True))
+    merged = target_losses(model, torch.cat([prompts[target][None], prompts[target] + source_tvs]), examples,
+                           pad_id, len(examples), 0, 1)
+    scores["added"] = dict(zip(sources, transfer_gains(merged[0], merged[1:]).tolist(), strict=True))
+    batch = collate_train(examples, pad_id, is_encoder_decoder)
+    descent = descent_direction(model, batch, init).flatten()
     scores["grad_init"] = {k: float(torch.nn.functional.cosine_similarity(descent, tv.flatten(), dim=0))
                            for k, tv in zip(sources, source_tvs, strict=True)}
     return scores
@@ -149,8 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = sorted(p.parent.parent for p in args.runs.glob("seed*/main/results.json"))
     if not runs:
         raise SystemExit(f"no finished run (seed*/main/results.json) under {args.runs}")
-    model, tokenizer, is_encoder_decoder = load_backbone(args.runs / "backbone")
-    per_run = {run.name: scores_of_run(run, model, tokenizer, is_encoder_decoder) for run in runs}
+    folder = str(args.runs / "backbone")
+    backbone = load_backbone(folder, folder, {}, torch.float32)
+    per_run = {run.name: scores_of_run(run, backbone) for run in runs}
     (args.runs / "relatedness.json").write_text(json.dumps(per_run, indent=1) + "\n")
     print(f"{len(runs)} runs under {args.runs} ({', '.join(per_run)}); scores on the target's training examples\n")
     print(table(per_run))
