@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from dtvg_scale.gguf_backbone import GGUFError, convert_gguf, is_gguf_path
+
 EMBEDDED_PREFIX = "embedded:"
 
 
@@ -44,7 +46,14 @@ def resolve_model_path(
 
     An embedded backbone gets the word-level tokenizer of the embedded world, or, given a
     ``corpus`` (the text of real tasks), a byte-level BPE trained on it. Hub names are returned
-    unchanged; transformers loads them (or from its cache)."""
+    unchanged; transformers loads them (or from its cache). A ``.gguf`` file is converted once
+    into a regular folder in the cache (``dtvg_scale.gguf_backbone``): ZeRO-3 partitions while
+    loading, which needs a regular checkpoint."""
+    if is_gguf_path(name_or_path):
+        try:
+            return str(convert_gguf(name_or_path))
+        except GGUFError as err:
+            raise BackboneError(str(err)) from err
     if name_or_path.startswith(EMBEDDED_PREFIX):
         from dtvg_scale import embedded
 
@@ -106,6 +115,22 @@ def load_backbone(model_path: str, name: str, ds_config: dict, dtype: torch.dtyp
     model.requires_grad_(False)  # frozen before any engine sees it
     hidden = model.get_input_embeddings().embedding_dim
     return Backbone(model, tokenizer, encoder_decoder, name, hidden, hf_ds_config)
+
+
+def held_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the model's parameters this rank holds, bytes of the whole model). A parameter
+    ZeRO-3 partitioned holds its shard (``ds_tensor``) of ``ds_numel`` elements; any other is
+    whole here. Tied parameters count once."""
+    held = total = 0
+    for param in model.parameters():
+        size = param.element_size()
+        if hasattr(param, "ds_tensor"):
+            held += param.ds_tensor.numel() * size
+            total += param.ds_numel * size
+        else:
+            held += param.numel() * size
+            total += param.numel() * size
+    return held, total
 
 
 def read_embedding_rows(model: nn.Module, reader) -> Tensor:

@@ -327,6 +327,11 @@ _SPECS = [
     _spec("paws", "paws", "other", "google-research-datasets/paws", "labeled_final",
           SplitRule("official", validation="validation", test="test"), _SENTENCE_PAIR, _BINARY, _ACC, "accuracy",
           local_name="paws"),
+    # Beyond the paper's 26: movie-review polarity (Pang & Lee 2005), SST-2's sentences' sibling, so SST-2
+    # is the obvious helpful source; the hub dataset's own train/validation/test, SST-2's template
+    _spec("rotten_tomatoes", "rotten_tomatoes", "other", "cornell-movie-review-data/rotten_tomatoes", None,
+          SplitRule("official", validation="validation", test="test"), _fields(("sentence:", "text")), _BINARY, _ACC,
+          "accuracy", local_name="rotten_tomatoes"),
 ]
 
 TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}

@@ -35,7 +35,8 @@ def _help(text: str, **kwargs: Any) -> Any:
 @dataclass
 class ModelArgs:
     name_or_path: str = _help(
-        "Backbone: a hub name (t5-base, meta-llama/Llama-3.2-1B), a local folder, or "
+        "Backbone: a hub name (t5-base, meta-llama/Llama-3.2-1B), a local folder, a .gguf file (converted once "
+        "into a folder in the cache; `python -m dtvg_scale.fetch_model` fetches SmolLM2-135M-Instruct), or "
         "'embedded:t5' / 'embedded:llama' (tiny, randomly initialised, built from a config).",
         default="embedded:t5",
     )
@@ -78,6 +79,12 @@ class DataArgs:
     )
     max_source_length: int = _help("Input tokens kept (paper: 256).", default=256)
     max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).", default=20)
+    eval_mode: str = _help(
+        "How validation and test predictions are made: generate (greedy decoding, the paper) or likelihood (the "
+        "class label whose tokens the model finds most likely after the input; classification tasks only, always "
+        "yields a label, one forward pass per label).",
+        default="generate",
+    )
     max_train_samples: int | None = _help("Cap on training examples per task (null: all).", default=None)
     max_eval_samples: int | None = _help(
         "Cap on validation and test examples per task, the first of each split (null: all; quick runs only, "
@@ -93,6 +100,8 @@ class DataArgs:
     )
 
     def __post_init__(self) -> None:
+        if self.eval_mode not in ("generate", "likelihood"):
+            raise ConfigError(f"data.eval_mode must be generate or likelihood, got {self.eval_mode!r}")
         self.overrides_by_task()
 
     def overrides_by_task(self) -> dict[str, dict[str, str]]:
@@ -225,6 +234,11 @@ class RunArgs:
     seed: int = _help("Seed of dropout and other randomness in training.", default=0)
     resume: bool = _help("Continue from the latest checkpoint of each run found in output_dir.", default=True)
     keep_checkpoints: int = _help("Checkpoints kept per run (older ones are deleted).", default=1)
+    zero_shot: bool = _help(
+        "Also score the target with no soft prompt at all (the task's template alone) on validation and test: "
+        "the backbone's zero-shot score, in results.json and <output_dir>/zero_shot/.",
+        default=False,
+    )
     check_rank_agreement: bool = _help(
         "Debug: compare every step's grouping decision across ranks with a collective and fail loudly on divergence.",
         default=False,

@@ -30,20 +30,41 @@ def encode_examples(
     max_source_length: int,
     max_target_length: int,
 ) -> list[EncodedExample]:
-    """Tokenise once. T5: the tokenizer appends eos to both sides. Decoder-only: the input keeps
-    the tokenizer's bos; the target is encoded bare and closed with eos, so the model learns
-    to stop."""
+    """Tokenise once. T5: the tokenizer appends eos to both sides; an over-long input is cut at the
+    end (as the prior code does). Decoder-only: the input keeps the tokenizer's bos and, when
+    over-long, its end (where the answer cue is); the target is encoded bare and closed with eos,
+    so the model learns to stop."""
     if not examples:  # a source's test split (never read); fast tokenizers refuse an empty batch
         return []
     sources = [e.source for e in examples]
     targets = [e.target for e in examples]
-    source_ids = tokenizer(sources, truncation=True, max_length=max_source_length)["input_ids"]
     if is_encoder_decoder:
-        target_ids = tokenizer(targets, truncation=True, max_length=max_target_length)["input_ids"]
+        source_ids = tokenizer(sources, truncation=True, max_length=max_source_length)["input_ids"]
     else:
-        bare = tokenizer(targets, add_special_tokens=False, truncation=True, max_length=max_target_length - 1)
-        target_ids = [ids + [tokenizer.eos_token_id] for ids in bare["input_ids"]]
-    return [EncodedExample(tuple(s), tuple(t), text) for s, t, text in zip(source_ids, target_ids, targets)]
+        # a causal LM answers right after the input's last tokens (the task's cue, " Label : "), so an
+        # over-long input loses its beginning, never its end; a leading bos stays
+        source_ids = [keep_end(ids, max_source_length, tokenizer.bos_token_id)
+                      for ids in tokenizer(sources, verbose=False)["input_ids"]]
+    target_ids = encode_targets(targets, tokenizer, is_encoder_decoder, max_target_length)
+    return [EncodedExample(tuple(s), t, text) for s, t, text in zip(source_ids, target_ids, targets)]
+
+
+def keep_end(ids: list[int], max_length: int, bos_id: int | None) -> list[int]:
+    """The last ``max_length`` tokens of ``ids`` (a leading bos kept in the first place)."""
+    if len(ids) <= max_length:
+        return ids
+    if bos_id is not None and ids and ids[0] == bos_id:
+        return [bos_id] + ids[len(ids) - (max_length - 1):]
+    return ids[len(ids) - max_length:]
+
+
+def encode_targets(targets: Sequence[str], tokenizer: PreTrainedTokenizerBase, is_encoder_decoder: bool,
+                   max_target_length: int) -> list[tuple[int, ...]]:
+    """Target strings as the training loss sees them (closed with eos)."""
+    if is_encoder_decoder:
+        return [tuple(ids) for ids in tokenizer(list(targets), truncation=True, max_length=max_target_length)["input_ids"]]
+    bare = tokenizer(list(targets), add_special_tokens=False, truncation=True, max_length=max_target_length - 1)
+    return [tuple(ids) + (tokenizer.eos_token_id,) for ids in bare["input_ids"]]
 
 
 def _pad(rows: list[list[int]], value: int, left: bool = False) -> Tensor:

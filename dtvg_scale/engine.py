@@ -32,12 +32,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dtvg_scale.backbone import Backbone, PromptedModel
+from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.checkpoint import SafetensorsCheckpointEngine, save_tensors
 from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
-from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions
+from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
 from dtvg_scale.grouping import GroupDecision
 from dtvg_scale.tracking import Tracker
 
@@ -218,6 +218,10 @@ class RunSpec:
     # called on every rank after each validation (and its checkpoint): (step, validation scores,
     # the same on all ranks); a sweep reports to its scheduler here, which may stop the run
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None
+    # eval_mode "likelihood": predict the label (of ``labels``, tokenised as ``label_ids``) with the lowest loss
+    eval_mode: str = "generate"
+    labels: tuple[str, ...] = ()
+    label_ids: tuple[tuple[int, ...], ...] = ()
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
@@ -250,6 +254,16 @@ class PromptRun:
         self.best_prompt: Tensor | None = None
         self.pending_metrics: list[dict] = []
         self.pending_trace: list[tuple[int, GroupDecision]] = []
+        self.sharding = self._sharding()
+
+    def _sharding(self) -> dict[str, Any]:
+        """What share of the frozen backbone each rank holds (ZeRO-3 partitions it; else whole)."""
+        held, total = held_bytes(self.backbone.model)
+        per_rank: list = [held]
+        if self.ctx.world_size > 1:
+            per_rank = [None] * self.ctx.world_size
+            dist.all_gather_object(per_rank, held)
+        return {"backbone_bytes": total, "held_bytes_per_rank": per_rank}
 
     # -- small helpers
     def _write_jsonl(self, path: Path, rows: list[dict]) -> None:
@@ -292,9 +306,14 @@ class PromptRun:
 
     def _score(self, prompt_rows: Tensor, encoded: list[EncodedExample], raw: Sequence,
                save_as: Path | None = None) -> dict[str, float]:
-        predictions = generate_predictions(self.prompted, prompt_rows, encoded, self.backbone.tokenizer,
-                                           self.spec.loop.eval_batch_size, self.spec.max_new_tokens,
-                                           self.ctx.rank, self.ctx.world_size, self.synced_generation)
+        if self.spec.eval_mode == "likelihood":
+            predictions = likelihood_predictions(self.prompted, prompt_rows, encoded, self.spec.label_ids,
+                                                 self.spec.labels, self.backbone.tokenizer.pad_token_id,
+                                                 self.spec.loop.eval_batch_size, self.ctx.rank, self.ctx.world_size)
+        else:
+            predictions = generate_predictions(self.prompted, prompt_rows, encoded, self.backbone.tokenizer,
+                                               self.spec.loop.eval_batch_size, self.spec.max_new_tokens,
+                                               self.ctx.rank, self.ctx.world_size, self.synced_generation)
         if save_as is not None and self.ctx.is_main:  # so "always one label" can be told from "not a label"
             rows = [{"input": e.source, "target": e.target, "prediction": pred} for e, pred in zip(raw, predictions)]
             save_as.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -418,6 +437,23 @@ class PromptRun:
         bar.close()
         return self._finish()
 
+    def score_only(self, prompt_rows: Tensor) -> dict[str, Any]:
+        """Validation and test scores of a fixed prompt, no training (``prompt_rows`` may have no
+        rows: the backbone's zero-shot score with the task's template alone)."""
+        if self.ctx.is_main:
+            self.spec.out_dir.mkdir(parents=True, exist_ok=True)
+        validation = self._score(prompt_rows, self.spec.validation, self.spec.validation_examples)
+        test = self._score(prompt_rows, self.spec.test, self.spec.test_examples,
+                           save_as=self.spec.out_dir / "test_predictions.jsonl")
+        result = {"run": self.spec.name, "best_step": None, "steps": 0, "prompt_rows": int(prompt_rows.shape[0]),
+                  "reported_metric": self.spec.reported_metric, "eval_mode": self.spec.eval_mode,
+                  "validation": validation, "test": test, "sharding": self.sharding,
+                  "examples": {"validation": len(self.spec.validation), "test": len(self.spec.test)}}
+        if self.ctx.is_main:
+            (self.spec.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        barrier()
+        return result
+
     def _finish(self) -> dict[str, Any]:
         last_prompt, _ = gathered_prompt(self.prompted)
         if self.ctx.is_main:
@@ -427,7 +463,8 @@ class PromptRun:
                             save_as=self.spec.out_dir / "test_predictions.jsonl")
                 if self.spec.test else None)  # a source has no test split: nothing scores it there
         result = {"run": self.spec.name, "best_step": self.best_step, "steps": self.spec.loop.steps,
-                  "reported_metric": self.spec.reported_metric, "validation": self.best_scores, "test": test,
+                  "reported_metric": self.spec.reported_metric, "eval_mode": self.spec.eval_mode,
+                  "validation": self.best_scores, "test": test, "sharding": self.sharding,
                   "examples": {"train": len(self.spec.train), "validation": len(self.spec.validation),
                                "test": len(self.spec.test)}}
         if self.ctx.is_main:

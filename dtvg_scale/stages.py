@@ -27,7 +27,7 @@ from dtvg_scale.backbone import (Backbone, PromptedModel, is_decoder_only, load_
                                  resolve_model_path)
 from dtvg_scale.checkpoint import load_tensors, save_tensors
 from dtvg_scale.config import Config, ConfigError, LoopArgs
-from dtvg_scale.data import encode_examples
+from dtvg_scale.data import encode_examples, encode_targets
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
                                resolve_precision)
@@ -68,6 +68,11 @@ class Pipeline:
         self.splits = {name: tasks.load_task(name, cfg.data, self.decoder_only,
                                              role="target" if name == cfg.data.target else "source")
                        for name in task_names}
+        if cfg.data.eval_mode == "likelihood":
+            generative = [name for name in task_names if not self.splits[name].labels]
+            if generative:
+                raise ConfigError(f"data.eval_mode=likelihood scores class labels, and {generative[0]!r} has none "
+                                  f"(a generative task); use data.eval_mode=generate")
         # 2) the backbone folder: rank 0 builds (embedded) or checks it, then everyone resolves it
         corpus = None
         if cfg.model.name_or_path.startswith("embedded:") and not all(tasks.is_embedded(n) for n in task_names):
@@ -116,6 +121,13 @@ class Pipeline:
             self._encoded[task] = (splits, encode(splits.train), encode(splits.validation), encode(splits.test))
         return self._encoded[task]
 
+    def _label_ids(self, task: str, backbone: Backbone) -> tuple[tuple[int, ...], ...]:
+        """eval_mode=likelihood: the task's class labels as training tokenises targets."""
+        if self.cfg.data.eval_mode != "likelihood":
+            return ()
+        return tuple(encode_targets(self.splits[task].labels, backbone.tokenizer, backbone.is_encoder_decoder,
+                                    self.cfg.data.max_target_length))
+
     def init_prompt(self, backbone: Backbone) -> torch.Tensor:
         """P_init: drawn from the (gathered) embedding table by every run and written once. A run
         that finds it on disk checks that the backbone still gives the same rows, so a backbone
@@ -156,7 +168,9 @@ class Pipeline:
                        max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, source_names=source_names,
                        keep_checkpoints=run.keep_checkpoints, resume=run.resume,
                        check_rank_agreement=run.check_rank_agreement, progress=run.progress,
-                       stop_after=run.stop_after, on_evaluate=self.on_evaluate)
+                       stop_after=run.stop_after, on_evaluate=self.on_evaluate, eval_mode=self.cfg.data.eval_mode,
+                       labels=tuple(splits.labels or ()) if self.cfg.data.eval_mode == "likelihood" else (),
+                       label_ids=self._label_ids(task, backbone))
 
     def _train(self, backbone: Backbone, ds_config: dict, module: torch.nn.Module, groups: list[dict],
                loop: LoopArgs, spec: RunSpec, prepare: Callable[[Any], None] | None = None,
@@ -206,6 +220,25 @@ class Pipeline:
         result = out_dir / "result.json"
         return json.loads(result.read_text()) if result.is_file() else None
 
+    # ------------------------------------------------------------ zero-shot
+    def zero_shot(self) -> dict[str, Any]:
+        """The target scored with no soft prompt (its template alone): the backbone's own score."""
+        out_dir = self.out / "zero_shot"
+        if self.cfg.run.resume and (done := self._done(out_dir)):
+            return done
+        loop = self.cfg.stage2
+        backbone, ds_config = self.load(loop)
+        p_init = self.init_prompt(backbone).to(self.ctx.device)
+        module = SoftPrompt(p_init)  # an engine needs something to train; the scores use none of it
+        groups = [{"params": [module.prompt], "lr": 0.0, "name": "prompt"}]
+        engine = build_engine(PromptedModel(backbone.model, module, backbone.is_encoder_decoder), groups, loop,
+                              ds_config, 0.0)
+        try:
+            spec = self._spec("zero_shot", out_dir, loop, self.cfg.data.target, backbone)
+            return PromptRun(self.ctx, backbone, engine, spec).score_only(p_init.new_zeros(0, p_init.shape[1]))
+        finally:
+            engine.destroy()
+
     # ------------------------------------------------------------ Stage I
     def _stage1_run(self, task: str, out_dir: Path, seed_offset: int) -> dict[str, Any]:
         loop = self.cfg.stage1
@@ -254,6 +287,25 @@ class Pipeline:
         """The sources Stage II merges: all, less those the Stage-I gate excluded."""
         excluded = {t for t, g in self._read_gate().items() if g["excluded"]}
         return [s for s in self.cfg.data.sources if s not in excluded]
+
+    # ------------------------------------------------------------ zero-shot
+    def zero_shot(self) -> dict[str, Any]:
+        """The target scored with no soft prompt (its template alone): the backbone's own score."""
+        out_dir = self.out / "zero_shot"
+        if self.cfg.run.resume and (done := self._done(out_dir)):
+            return done
+        loop = self.cfg.stage2
+        backbone, ds_config = self.load(loop)
+        p_init = self.init_prompt(backbone).to(self.ctx.device)
+        module = SoftPrompt(p_init)  # an engine needs something to train; the scores use none of it
+        groups = [{"params": [module.prompt], "lr": 0.0, "name": "prompt"}]
+        engine = build_engine(PromptedModel(backbone.model, module, backbone.is_encoder_decoder), groups, loop,
+                              ds_config, 0.0)
+        try:
+            spec = self._spec("zero_shot", out_dir, loop, self.cfg.data.target, backbone)
+            return PromptRun(self.ctx, backbone, engine, spec).score_only(p_init.new_zeros(0, p_init.shape[1]))
+        finally:
+            engine.destroy()
 
     # ------------------------------------------------------------ Stage II
     def _stage1_vectors(self, p_init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -88,16 +88,20 @@ def selection_share(trace_path: Path, sources: list[str]) -> dict[str, float]:
     return {s: sum(s in row["group"] for row in rows) / len(rows) for s in sources} if rows else {}
 
 
-def summarize(cfg: Config, stage1: dict, stage2: dict, max_spans: int = 12) -> tuple[dict[str, Any], str]:
+def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = None,
+              max_spans: int = 12) -> tuple[dict[str, Any], str]:
     out = Path(cfg.run.output_dir)
     trace = out / "stage2" / "dtvg" / "group_trace.jsonl"
     spans, share = run_lengths(trace), selection_share(trace, cfg.data.sources)
     results = {"target": cfg.data.target, "sources": cfg.data.sources, "stage1": stage1, "stage2": stage2,
-               "dtvg_group_over_time": spans, "dtvg_selection_share": share}
+               "dtvg_group_over_time": spans, "dtvg_selection_share": share,
+               **({"zero_shot": zero_shot} if zero_shot else {})}
     metric = (stage1.get(cfg.data.target) or next(iter(stage2.values()), {})).get("reported_metric", "accuracy")
-    lines = [f"Target {cfg.data.target}: {metric} of the best-validation prompt"]
+    how = " (predictions by label likelihood)" if cfg.data.eval_mode == "likelihood" else ""
+    lines = [f"Target {cfg.data.target}: {metric} of the best-validation prompt{how}"]
     lines.append(f"  {'run':<24}{'validation':>12}{'test':>10}")
-    rows = ([("prompt tuning (Stage I)", stage1[cfg.data.target])] if cfg.data.target in stage1 else [])
+    rows = [("zero-shot (no prompt)", zero_shot)] if zero_shot else []
+    rows += ([("prompt tuning (Stage I)", stage1[cfg.data.target])] if cfg.data.target in stage1 else [])
     rows += [(name + (f" ({r['spot_source']})" if "spot_source" in r else ""), r) for name, r in stage2.items()]
     lines += [f"  {label:<24}{r['validation'][metric]:>12.3f}{r['test'][metric]:>10.3f}" for label, r in rows]
     if stage1:  # sources are scored on validation only (they have no test split)
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             (out / "ds_config.json").write_text(json.dumps(raw_ds_config, indent=2) + "\n")
         stage1 = pipeline.stage1() if cfg.run.stages in ("all", "stage1") else {}
         stage2 = pipeline.stage2() if cfg.run.stages in ("all", "stage2") else {}
+        zero_shot = pipeline.zero_shot() if cfg.run.zero_shot else None
     except RunStopped as stop:
         if ctx.is_main:
             print(str(stop), flush=True)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     barrier()
     if ctx.is_main:  # 3) the summary
-        results, text = summarize(cfg, stage1, stage2)
+        results, text = summarize(cfg, stage1, stage2, zero_shot)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(text, flush=True)
         print(f"Outputs: {out.resolve()}", flush=True)

@@ -44,7 +44,7 @@ def test_registry_names_groups_and_unknown_name():
     assert set(bt.TASK_NAMES) == {
         "mnli", "qqp", "qnli", "sst2", "stsb", "mrpc", "rte", "cola", "boolq", "cb", "copa", "multirc", "wic", "wsc",
         "record", "superglue-rte", "squad", "nq", "hotpotqa", "searchqa", "newsqa", "winogrande", "yelp_polarity",
-        "scitail", "paws",
+        "scitail", "paws", "rotten_tomatoes",
     }
     assert set(bt.BENCHMARK_GROUPS) == {"GLUE", "SuperGLUE", "MRQA", "Others"}
     assert bt.BENCHMARK_GROUPS["SuperGLUE"] == ("multirc", "boolq", "wic", "wsc", "cb")
@@ -347,6 +347,16 @@ def test_sharded_split_loads_every_shard():
 
 
 @needs_data
+@needs_data
+def test_rotten_tomatoes_reads_its_own_three_splits_with_sst2s_template():
+    data = bt.load_benchmark_task("rotten_tomatoes", local_dir=str(DATA), decoder_only=True)
+    assert (len(data.train), len(data.validation), len(data.test)) == (8530, 1066, 1066)
+    first = first_row("other/rotten_tomatoes/train.jsonl")
+    assert data.train[0].source == f"rotten_tomatoes sentence: {first['text']} Label : "
+    assert data.train[0].target == str(first["label"]) and data.labels == ("0", "1")
+    assert {e.target for e in data.test} == {"0", "1"}
+
+
 def test_k_shot_is_class_balanced_and_deterministic():
     data = bt.load_benchmark_task("cb", local_dir=str(DATA), k_shot=4, seed=3)
     assert sorted(e.target for e in data.train) == ["0"] * 4 + ["1"] * 4 + ["2"] * 4

