@@ -5,6 +5,9 @@ same optimizer, same batches, same prompt length and the same starting prompt.
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 \\
         --master_port $(.venv/bin/python -c 'from dtvg_scale.distributed import free_port; print(free_port())') \\
         benchmarks/peft_compare.py [--lengths 20 100] [--steps 40]
+    # the real SmolLM2-135M-Instruct (python -m dtvg_scale.fetch_model); PEFT's CAUSAL_LM prompt has r rows:
+    OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 --master_port PORT benchmarks/peft_compare.py \
+        --model smollm2 --lengths 20 --batch_size 8 --steps 12 --blocks 6
     # one process (a world of one):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peft_compare.py
 
@@ -46,11 +49,13 @@ from dtvg_scale.engine import build_engine
 from dtvg_scale.prompts import SoftPrompt
 
 PROMPT_LR = 0.3  # the project's Stage-I prompt learning rate, for both sides
-PEFT_PROMPT_BLOCKS = 2  # PEFT's seq2seq default: one block of r rows per transformer stack
+def peft_prompt_blocks(is_encoder_decoder: bool) -> int:
+    """PEFT's prompt table holds one block of r rows per transformer stack: 2 for seq2seq, 1 for a causal LM."""
+    return 2 if is_encoder_decoder else 1
 
 
 def ours_engine(model_path: str, ds_config: dict, length: int, batch_size: int):
-    backbone = load_backbone(model_path, "embedded:t5", ds_config, torch.float32)
+    backbone = load_backbone(model_path, model_path, ds_config, torch.float32)
     init = bench.initial_prompt(backbone.model, length)
     module = SoftPrompt(init)
     prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
@@ -61,12 +66,13 @@ def ours_engine(model_path: str, ds_config: dict, length: int, batch_size: int):
 def peft_engine(model_path: str, ds_config: dict, init: torch.Tensor, batch_size: int):
     """PEFT's prompt tuning on its own copy of the backbone, started from our P_init, under the
     engine setup ``build_engine`` gives ours (no checkpoint engine: nothing is saved here)."""
-    backbone = load_backbone(model_path, "embedded:t5", ds_config, torch.float32)
-    config = PromptTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=init.shape[0])
+    backbone = load_backbone(model_path, model_path, ds_config, torch.float32)
+    task_type = TaskType.SEQ_2_SEQ_LM if backbone.is_encoder_decoder else TaskType.CAUSAL_LM
+    config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=init.shape[0])
     model = get_peft_model(backbone.model, config)
     table = model.prompt_encoder["default"].embedding.weight
     with torch.no_grad():
-        table.copy_(init.repeat(PEFT_PROMPT_BLOCKS, 1))
+        table.copy_(init.repeat(peft_prompt_blocks(backbone.is_encoder_decoder), 1))
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable == [table], "PEFT should train its prompt table and nothing else"
     optimizer = torch.optim.AdamW([{"params": trainable, "lr": PROMPT_LR}], weight_decay=0.0)
@@ -113,15 +119,14 @@ def build_sides(model_path: str, ds_config: dict, length: int, batch_size: int, 
 def compare(args: argparse.Namespace, ctx: DistContext) -> tuple[list[dict[str, float]], dict[int, float], str]:
     """Every side for every prompt length, timed together; returns every rank's medians, the
     first-step loss difference (ours - PEFT, rank 0's batch) per length, and the setting."""
-    shape = bench.TinyT5(args.d_model, args.layers, args.d_ff)
-    model_path = shape.path()
-    largest = PEFT_PROMPT_BLOCKS * max(args.lengths) * args.d_model
+    model_path, d_model, described = bench.real_backbone(args.model, args)
+    largest = peft_prompt_blocks(args.model != "smollm2") * max(args.lengths) * d_model
     ds_config = bench.zero3_config(args.batch_size, ctx.world_size, largest)
     engines, backbone = {}, None
     for length in args.lengths:
         sides, backbone = build_sides(model_path, ds_config, length, args.batch_size, args.control)
         engines.update({side_name(side, length): engine for side, engine in sides.items()})
-    batch = bench.rank_batch(backbone.tokenizer, ctx, args.batch_size)
+    batch = bench.rank_batch(backbone.tokenizer, ctx, args.batch_size, backbone.is_encoder_decoder)
     losses = {name: [] for name in engines}
     steppers = {name: (peft_step if name.startswith("peft") else ours_step)(engine, batch, losses[name])
                 for name, engine in engines.items()}
@@ -130,7 +135,7 @@ def compare(args: argparse.Namespace, ctx: DistContext) -> tuple[list[dict[str, 
     total, sharded = bench.backbone_shard_summary(backbone.model)
     for engine in engines.values():
         engine.destroy()  # before the process group goes (an abort at exit otherwise)
-    setting = (f"tiny T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, d_ff {args.d_ff} "
+    setting = (f"{described} "
                f"({total / 1e6:.2f} M params, {sharded:.0%} in sharded tensors); global batch {args.batch_size}, "
                f"ZeRO-3, {ctx.world_size} rank(s), CPU, fp32; {args.steps} timed steps per engine in "
                f"{args.blocks} alternating blocks")
@@ -164,6 +169,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="skip the A/A control (a second engine of ours at each length)")
     # wide enough that ZeRO-3 still shards the backbone's matrices at r = 100: the persistence
     # threshold (PEFT's 2r x d table) must stay below d x d
+    parser.add_argument("--model", choices=["tiny_t5", "smollm2"], default="tiny_t5",
+                        help="tiny_t5: built from --d_model/--layers/--d_ff; smollm2: the real SmolLM2-135M-Instruct")
     parser.add_argument("--d_model", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--d_ff", type=int, default=256)

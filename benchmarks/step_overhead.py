@@ -11,6 +11,9 @@ and how both grow with the prompt length r and the number of sources K.
         --lengths 20 100 200 --sources 6 128 --d_model 256 --d_ff 256 --batch_size 16 --steps 16 --blocks 8
     # the same in one process (a world of one):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py [--steps 40] [--sources 6 128]
+    # the real SmolLM2-135M-Instruct (python -m dtvg_scale.fetch_model), K = 4 real-size and 64 sources:
+    OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 --master_port PORT benchmarks/step_overhead.py \
+        --model smollm2 --lengths 20 --sources 4 64 --batch_size 8 --steps 12 --blocks 6
 
 Every variant (a plain prompt per length, a DTVG prompt per length and K) gets its own DeepSpeed
 engine around its own copy of the same frozen backbone, all with the same DeepSpeed config, and
@@ -88,12 +91,28 @@ def loop_args(batch_size: int) -> Stage2Args:
     return Stage2Args(steps=10**6, batch_size=batch_size, warmup_steps=0)
 
 
-def rank_batch(tokenizer, ctx: DistContext, batch_size: int) -> dict[str, torch.Tensor]:
+def real_backbone(model: str, args: argparse.Namespace) -> tuple[str, int, str]:
+    """(folder, hidden size, description) of the backbone every engine loads."""
+    if model == "smollm2":
+        from dtvg_scale.fetch_model import fetch
+
+        return str(on_main_then_all(lambda: fetch("smollm2-135m-instruct")[1])), 576, \
+            "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized, 30 layers, hidden 576)"
+    return (TinyT5(args.d_model, args.layers, args.d_ff).path(), args.d_model,
+            f"tiny T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, d_ff {args.d_ff}")
+
+
+def rank_batch(tokenizer, ctx: DistContext, batch_size: int, is_encoder_decoder: bool = True) -> dict[str, torch.Tensor]:
     """This rank's slice of one global batch of the embedded target task (the same every step)."""
     task = embedded.embedded_task("emb_target", n_train=batch_size)
-    examples = encode_examples(task.train, tokenizer, True, 256, 20)
+    examples = encode_examples(task.train, tokenizer, is_encoder_decoder, 256, 20)
     (mine,) = rank_micro_batches(list(range(batch_size)), ctx.rank, ctx.world_size, 1)
-    return collate_train([examples[i] for i in mine], tokenizer.pad_token_id, True)
+    return collate_train([examples[i] for i in mine], tokenizer.pad_token_id, is_encoder_decoder)
+
+
+def tokens_per_rank_step(batch: dict[str, torch.Tensor], prompt_length: int) -> int:
+    """Tokens one rank's forward sees per step: its inputs (targets included) and the prompt rows."""
+    return int(batch["attention_mask"].sum()) + prompt_length * batch["attention_mask"].shape[0]
 
 
 def backbone_shard_summary(model: torch.nn.Module) -> tuple[int, float]:
@@ -212,7 +231,7 @@ def prompt_module(variant: Variant, init: torch.Tensor) -> tuple[torch.nn.Module
 
 
 def build_variant(variant: Variant, model_path: str, ds_config: dict, batch_size: int):
-    backbone = load_backbone(model_path, "embedded:t5", ds_config, torch.float32)
+    backbone = load_backbone(model_path, model_path, ds_config, torch.float32)
     init = initial_prompt(backbone.model, variant.length)
     module, groups = prompt_module(variant, init)
     prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
@@ -229,21 +248,21 @@ def training_step(engine, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
 
 
 def measure(args: argparse.Namespace, ctx: DistContext) -> tuple[list[Variant], list[dict[str, float]], str]:
-    shape = TinyT5(args.d_model, args.layers, args.d_ff)
-    model_path = shape.path()
+    model_path, d_model, described = real_backbone(args.model, args)
     variants = variants_of(args.lengths, args.sources, args.control, args.three_groups)
-    ds_config = zero3_config(args.batch_size, ctx.world_size, largest_trainable(variants, args.d_model))
+    ds_config = zero3_config(args.batch_size, ctx.world_size, largest_trainable(variants, d_model))
     engines, backbone = {}, None
     for variant in variants:
         engines[variant.name], backbone = build_variant(variant, model_path, ds_config, args.batch_size)
-    batch = rank_batch(backbone.tokenizer, ctx, args.batch_size)
+    batch = rank_batch(backbone.tokenizer, ctx, args.batch_size, backbone.is_encoder_decoder)
+    args.tokens_per_rank_step = tokens_per_rank_step(batch, args.lengths[0])
     steppers = {name: training_step(engine, batch) for name, engine in engines.items()}
     times = interleaved_times(steppers, args.steps, args.blocks)
     total, sharded = backbone_shard_summary(backbone.model)
     for engine in engines.values():
         engine.destroy()  # before the process group goes (an abort at exit otherwise)
     threshold = ds_config["zero_optimization"]["stage3_param_persistence_threshold"]
-    setting = (f"tiny T5 d_model {args.d_model}, {args.layers}+{args.layers} layers, d_ff {args.d_ff} "
+    setting = (f"{described} "
                f"({total / 1e6:.2f} M params, {sharded:.0%} in tensors ZeRO-3 shards at threshold {threshold}); "
                f"global batch {args.batch_size}, ZeRO-3, {ctx.world_size} rank(s), CPU, fp32; "
                f"{args.steps} timed steps per variant in {args.blocks} alternating blocks; the first (r, K) "
@@ -300,6 +319,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sources", type=int, nargs="+", default=[6, 128], help="K; the first is the baseline")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8], help="prompt lengths r; the first is the baseline")
     parser.add_argument("--batch_size", type=int, default=32, help="global batch (over ranks)")
+    parser.add_argument("--model", choices=["tiny_t5", "smollm2"], default="tiny_t5",
+                        help="tiny_t5: built from --d_model/--layers/--d_ff; smollm2: the real SmolLM2-135M-Instruct")
     parser.add_argument("--d_model", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--d_ff", type=int, default=128)
@@ -317,6 +338,10 @@ def main(argv: list[str] | None = None) -> list[tuple[Variant, float, float]]:
         print("Ratios of median step times: rank 0 (largest over ranks); ms are rank 0's medians.\n")
         print("\n".join(overhead_table(variants, medians)) + three_group_lines(variants, medians)
               + control_line(variants, medians), flush=True)
+        plain = medians[0][Variant("plain", args.lengths[0]).name]
+        print(f"\nThroughput, plain r={args.lengths[0]}: {args.tokens_per_rank_step} tokens per rank per step "
+              f"(prompt rows included), {args.tokens_per_rank_step / plain:.0f} tokens/s per rank "
+              f"(forward + backward, rank 0's median step {plain * 1e3:.0f} ms)", flush=True)
     return [(v, medians[0][Variant("plain", v.length).name], medians[0][v.name])
             for v in variants if v.kind == "dtvg" and not v.three_groups]
 

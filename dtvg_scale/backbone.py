@@ -9,6 +9,7 @@ module's forward gives an empty placeholder, so P_init is read inside ``Gathered
 
 from __future__ import annotations
 
+import inspect
 import os
 import zlib
 from dataclasses import dataclass
@@ -154,6 +155,11 @@ class PromptedModel(nn.Module):
         self.backbone = backbone
         self.prompt = prompt
         self.is_encoder_decoder = is_encoder_decoder
+        # a causal LM's vocabulary projection is ~20 % of a small model's forward (SmolLM2: 49,152 x 576
+        # per token) and its logits the largest activation; the loss reads them only where the next
+        # token is a label, so ask transformers for those positions alone where the model allows it
+        self.keeps_label_logits = not is_encoder_decoder and "logits_to_keep" in inspect.signature(
+            backbone.forward).parameters
 
     def prepend(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         embeds = self.backbone.get_input_embeddings()(input_ids)
@@ -175,11 +181,25 @@ class PromptedModel(nn.Module):
             labels = torch.cat([ignore, labels], dim=1)
         return inputs, labels
 
+    def label_logits(self, inputs: dict[str, Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Decoder-only: the logits that score a label token and those tokens, [B, P, V] and [B, P]
+        (-100 where a row has no label). Position i scores token i + 1; only the positions where
+        some row's next token is a label are computed (``logits_to_keep``), when the model allows."""
+        next_tokens = labels[:, 1:]
+        if not self.keeps_label_logits:
+            return self.backbone(**inputs).logits[:, :-1], next_tokens
+        keep = (next_tokens != -100).any(dim=0).nonzero().squeeze(1)
+        return self.backbone(**inputs, logits_to_keep=keep).logits, next_tokens[:, keep]
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor):
         prompt_rows, decision = self.prompt()
         inputs, labels = self.prepend_with_labels(prompt_rows, input_ids, attention_mask, labels)
-        output = self.backbone(**inputs, labels=labels)
-        return output.loss, decision
+        if self.is_encoder_decoder:
+            return self.backbone(**inputs, labels=labels).loss, decision
+        logits, targets = self.label_logits(inputs, labels)
+        # transformers' causal-LM loss: float32, mean over every label token of the batch
+        loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100)
+        return loss, decision
 
     @torch.no_grad()
     def example_losses(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor,
@@ -188,8 +208,7 @@ class PromptedModel(nn.Module):
         its number of label tokens [B] (the training loss, per example instead of per batch)."""
         inputs, labels = self.prepend_with_labels(prompt_rows, input_ids, attention_mask, labels)
         if not self.is_encoder_decoder:
-            logits = self.backbone(**inputs).logits[:, :-1]
-            labels = labels[:, 1:]  # a causal LM predicts token i + 1 at position i
+            logits, labels = self.label_logits(inputs, labels)
         else:
             logits = self.backbone(**inputs, labels=labels).logits
         losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,

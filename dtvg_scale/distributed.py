@@ -86,6 +86,16 @@ def _unlink_shm_buffer(local_rank: int) -> None:
                 os.unlink(path)
 
 
+def shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter exits. Left to interpreter teardown,
+    gloo's threads sometimes abort the process ("terminate called without an active exception",
+    exit -6) after a run that otherwise ended well; call it after every engine is destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

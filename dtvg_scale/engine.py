@@ -179,7 +179,29 @@ def build_engine(model: PromptedModel, param_groups: list[dict], loop: LoopArgs,
     scheduler = get_linear_schedule_with_warmup(optimizer, loop.warmup_steps, loop.steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     engine.checkpoint_engine = SafetensorsCheckpointEngine()
+    _exclude_frozen_aliases(engine)
     return engine
+
+
+def _exclude_frozen_aliases(engine) -> None:
+    """Checkpoints hold the trainable state only. DeepSpeed's ``exclude_frozen_parameters`` drops
+    each frozen parameter under the one name ``named_parameters()`` gives it, so a tied table's
+    other names (T5's ``shared`` is also ``encoder.embed_tokens``, ``decoder.embed_tokens`` and,
+    untied-but-aliased, LLaMA's ``lm_head``) stayed in every checkpoint below ZeRO-3: for t5-3b
+    0.4 GB per checkpoint. Drop every name of every frozen parameter; buffers (the prompt
+    module's measured transfer gains among them) stay."""
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            prefix = kwargs.get("prefix", "")
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(prefix + name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
 
 
 def gathered_prompt(prompted: PromptedModel) -> tuple[Tensor, GroupDecision | None]:

@@ -41,7 +41,7 @@ prepare_environment()  # before deepspeed is imported: CPU accelerator, world of
 
 from dtvg_scale.backbone import BackboneError  # noqa: E402
 from dtvg_scale.config import Config, ConfigError, describe_options, load_config  # noqa: E402
-from dtvg_scale.distributed import barrier, init_distributed  # noqa: E402
+from dtvg_scale.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
 from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
 from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
@@ -119,6 +119,13 @@ def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        shutdown_distributed()
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:  # 1) everything that can be checked before a process group or a model exists
         cfg = load_config(args.config, args.overrides)

@@ -43,6 +43,24 @@ def test_prompt_is_prepended_with_mask_and_ignored_labels(prompted):
             assert labels[len(example.source_ids):len(example.source_ids) + len(example.target_ids)].tolist() == list(example.target_ids)
 
 
+def test_training_loss_is_transformers_own_loss(prompted):
+    # decoder-only: the loss reads only the logits that score a label token (logits_to_keep),
+    # and must equal the full model's own causal-LM loss
+    model, backbone = prompted
+    examples = encode_examples(embedded.embedded_task("emb_target", n_train=5).train, backbone.tokenizer,
+                               backbone.is_encoder_decoder, 256, 4)
+    batch = collate_train(examples, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
+    model.eval()
+    loss, _ = model(**batch)
+    inputs, labels = model.prepend_with_labels(model.prompt.prompt, batch["input_ids"], batch["attention_mask"],
+                                               batch["labels"])
+    torch.testing.assert_close(loss, backbone.model(**inputs, labels=labels).loss, rtol=1e-6, atol=1e-6)
+    assert model.keeps_label_logits == (not backbone.is_encoder_decoder)
+    if model.keeps_label_logits:
+        logits, targets = model.label_logits(inputs, labels)
+        assert logits.shape[1] < inputs["inputs_embeds"].shape[1] // 2 and (targets != -100).any(dim=0).all()
+
+
 def test_generation_does_not_depend_on_padding(prompted):
     model, backbone = prompted
     task = embedded.embedded_task("emb_target", n_test=6)

@@ -101,13 +101,19 @@ def test_a_backbone_changed_under_the_same_name_is_refused_on_resume(tmp_path):
     assert not (tmp_path / "run" / "stage2").exists()
 
 
-@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json", "zero3_offload.json"])
+@pytest.mark.parametrize("ds_config", [None, "zero2.json", "zero3.json", "zero3_offload.json"])
 def test_every_shipped_deepspeed_config_trains_on_cpu(tmp_path, ds_config):
+    from dtvg_scale.checkpoint import load_state
+
     out = tmp_path / "run"
-    result = train("--ds_config", f"ds_configs/{ds_config}", f"run.output_dir={out}", *QUICK, "run.stages=stage1",
-                   "data.sources=[]")
+    given = ["--ds_config", f"ds_configs/{ds_config}"] if ds_config else []  # None: ZeRO off
+    result = train(*given, f"run.output_dir={out}", *QUICK, "run.stages=stage1", "data.sources=[]")
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "stage1" / "emb_target" / "result.json").read_text())["steps"] == 4
+    # the checkpoint holds the trainable prompt, none of the frozen backbone (T5's tied embedding
+    # table has four names; every one of them used to slip into ZeRO-0/1/2 checkpoints)
+    (model_file,) = (out / "stage1" / "emb_target" / "checkpoints" / "step3").glob("*model_states.pt")
+    assert list(load_state(model_file)["module"]) == ["prompt.prompt"]
 
 
 def test_zero2_resume_matches_an_uninterrupted_run(tmp_path):
