@@ -59,14 +59,19 @@ def generate_predictions(
             mine += [(i, t) for i, t, ok in zip(chunk, texts, valid[start:start + batch_size], strict=True) if ok]
     finally:
         model.train(was_training)
+    return [text.strip() for text in _gather_predictions(mine, len(examples), world_size)]
+
+
+def _gather_predictions(mine: list[tuple[int, str]], num_examples: int, world_size: int) -> list[str]:
+    """Every rank's (index, prediction) pairs, gathered into the examples' order on every rank."""
     gathered: list = [mine]
     if world_size > 1:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, mine)
-    predictions = [""] * len(examples)
+    predictions = [""] * num_examples
     for part in gathered:
         for index, text in part:
-            predictions[index] = text.strip()
+            predictions[index] = text
     return predictions
 
 
@@ -103,12 +108,4 @@ def likelihood_predictions(
             mine += [(i, labels[b]) for i, b, ok in zip(chunk, best, valid[start:start + per_batch], strict=True) if ok]
     finally:
         model.train(was_training)
-    gathered: list = [mine]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, mine)
-    predictions = [""] * len(examples)
-    for part in gathered:
-        for index, text in part:
-            predictions[index] = text
-    return predictions
+    return _gather_predictions(mine, len(examples), world_size)

@@ -288,25 +288,6 @@ class Pipeline:
         excluded = {t for t, g in self._read_gate().items() if g["excluded"]}
         return [s for s in self.cfg.data.sources if s not in excluded]
 
-    # ------------------------------------------------------------ zero-shot
-    def zero_shot(self) -> dict[str, Any]:
-        """The target scored with no soft prompt (its template alone): the backbone's own score."""
-        out_dir = self.out / "zero_shot"
-        if self.cfg.run.resume and (done := self._done(out_dir)):
-            return done
-        loop = self.cfg.stage2
-        backbone, ds_config = self.load(loop)
-        p_init = self.init_prompt(backbone).to(self.ctx.device)
-        module = SoftPrompt(p_init)  # an engine needs something to train; the scores use none of it
-        groups = [{"params": [module.prompt], "lr": 0.0, "name": "prompt"}]
-        engine = build_engine(PromptedModel(backbone.model, module, backbone.is_encoder_decoder), groups, loop,
-                              ds_config, 0.0)
-        try:
-            spec = self._spec("zero_shot", out_dir, loop, self.cfg.data.target, backbone)
-            return PromptRun(self.ctx, backbone, engine, spec).score_only(p_init.new_zeros(0, p_init.shape[1]))
-        finally:
-            engine.destroy()
-
     # ------------------------------------------------------------ Stage II
     def _stage1_vectors(self, p_init: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The target's Stage-I prompt and the sources' prompts and task vectors, checked to

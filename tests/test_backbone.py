@@ -104,3 +104,23 @@ def test_batches_are_a_function_of_seed_and_step():
     indices, valid = eval_shard(5, rank=1, world_size=2)
     assert indices[:2] == [1, 3] and valid == [True, True, False]
     assert len(eval_shard(5, 0, 2)[0]) == len(indices)  # equal batch counts on every rank
+
+
+def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(prompted):
+    from dtvg_scale.data import EncodedExample, encode_targets
+    from dtvg_scale.evaluate import likelihood_predictions
+
+    model, backbone = prompted
+    examples = encode_examples(embedded.embedded_task("emb_target", n_test=5).test, backbone.tokenizer,
+                               backbone.is_encoder_decoder, 256, 4)
+    labels = ("0", "1", "w03")  # a multi-token label too
+    label_ids = encode_targets(labels, backbone.tokenizer, backbone.is_encoder_decoder, 4)
+    pad = backbone.tokenizer.pad_token_id
+    model.eval()
+    predicted = likelihood_predictions(model, model.prompt.prompt.detach(), examples, label_ids, labels, pad, 4, 0, 1)
+    for example, prediction in zip(examples, predicted, strict=True):
+        losses = []
+        for ids, text in zip(label_ids, labels, strict=True):  # summed over the label's tokens, eos included
+            batch = collate_train([EncodedExample(example.source_ids, ids, text)], pad, backbone.is_encoder_decoder)
+            losses.append(float(model(**batch)[0]) * len(ids))
+        assert prediction == labels[min(range(len(labels)), key=losses.__getitem__)]

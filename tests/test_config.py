@@ -40,6 +40,7 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
         ({"stage1.steps": 0}, "steps must be >= 1"),
         ({"model.precision": "fp8"}, "precision"),
         ({"steps": 3}, "unknown option 'steps'"),  # ambiguous: stage1 or stage2
+        ({"data.eval_mode": "beam"}, "data.eval_mode must be generate or likelihood"),
     ],
 )
 def test_bad_options_fail_with_one_clear_message(values, message):
