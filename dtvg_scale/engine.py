@@ -186,10 +186,10 @@ def build_engine(model: PromptedModel, param_groups: list[dict], loop: LoopArgs,
 def _exclude_frozen_aliases(engine) -> None:
     """Checkpoints hold the trainable state only. DeepSpeed's ``exclude_frozen_parameters`` drops
     each frozen parameter under the one name ``named_parameters()`` gives it, so a tied table's
-    other names (T5's ``shared`` is also ``encoder.embed_tokens``, ``decoder.embed_tokens`` and,
-    untied-but-aliased, LLaMA's ``lm_head``) stayed in every checkpoint below ZeRO-3: for t5-3b
-    0.4 GB per checkpoint. Drop every name of every frozen parameter; buffers (the prompt
-    module's measured transfer gains among them) stay."""
+    other names (T5's ``shared`` is also ``encoder.embed_tokens``, ``decoder.embed_tokens`` and
+    ``lm_head``; a tied LLaMA's ``lm_head`` is its ``embed_tokens``) stayed in every checkpoint
+    below ZeRO-3: for t5-3b 0.4 GB per checkpoint. Drop every name of every frozen parameter;
+    buffers (the prompt module's measured transfer gains among them) stay."""
     original = engine.module_state_dict
 
     def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
