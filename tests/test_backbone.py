@@ -122,5 +122,6 @@ def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(pro
         losses = []
         for ids, text in zip(label_ids, labels, strict=True):  # summed over the label's tokens, eos included
             batch = collate_train([EncodedExample(example.source_ids, ids, text)], pad, backbone.is_encoder_decoder)
-            losses.append(float(model(**batch)[0]) * len(ids))
+            with torch.no_grad():
+                losses.append(float(model(**batch)[0]) * len(ids))
         assert prediction == labels[min(range(len(labels)), key=losses.__getitem__)]
