@@ -76,9 +76,8 @@ def check_gguf_file(path: Path) -> str:
     return architecture
 
 
-def converted_folder(path: Path, cache_dir: Path | None = None) -> Path:
-    """The folder a GGUF file converts to (whether or not it exists yet)."""
-    digest = sha256_of(path)
+def converted_folder(path: Path, digest: str, cache_dir: Path | None = None) -> Path:
+    """The folder a GGUF file of this sha256 converts to (whether or not it exists yet)."""
     return (cache_dir or cache_root()) / "gguf" / f"{path.stem}-{digest[:16]}"
 
 
@@ -87,10 +86,13 @@ def convert_gguf(path: str | Path, cache_dir: Path | None = None) -> Path:
     only: call it on the main rank, the others wait). Idempotent; a half-written conversion is
     never taken for a finished one (it is written beside and renamed into place)."""
     path = Path(path).expanduser().absolute()
-    architecture = check_gguf_file(path)
-    folder = converted_folder(path, cache_dir)
-    if (folder / CONVERTED_MARKER).is_file():
+    if not path.is_file():
+        raise GGUFError(f"GGUF file not found: {path}")
+    digest = sha256_of(path)
+    folder = converted_folder(path, digest, cache_dir)
+    if (folder / CONVERTED_MARKER).is_file():  # written only after a complete conversion of these bytes
         return folder
+    architecture = check_gguf_file(path)
     import torch
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
@@ -117,7 +119,7 @@ def convert_gguf(path: str | Path, cache_dir: Path | None = None) -> Path:
     fresh.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / CONVERTED_MARKER).write_text(json.dumps({
-        "gguf_file": str(path), "sha256": sha256_of(path), "architecture": architecture,
+        "gguf_file": str(path), "sha256": digest, "architecture": architecture,
         "transformers": transformers.__version__, "dtype": "float32",
         "note": "weights dequantized from the GGUF file as it is (a quantized model stays quantized in value)",
     }, indent=2) + "\n")
