@@ -1,7 +1,7 @@
 """Our prompt-tuning step against HF PEFT's prompt tuning: same tiny T5, same ZeRO-3 config,
 same optimizer, same batches, same prompt length and the same starting prompt.
 
-    # 2 ranks, ZeRO-3 on the CPU (peft is the `bench` extra: .venv/bin/pip install -e '.[bench]'):
+    # 2 ranks, ZeRO-3 on the CPU (peft is a dependency of the package):
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 \\
         --master_port $(.venv/bin/python -c 'from dtvg_scale.distributed import free_port; print(free_port())') \\
         benchmarks/peft_compare.py [--lengths 20 100] [--steps 40]

@@ -3,6 +3,7 @@
 Run directory layout::
 
     <output_dir>/config.yaml, ds_config.json      resolved options
+    <output_dir>/backbone.json                     the model folder (or hub name) loaded
     <output_dir>/data.json                         per task: role, examples per split, split overrides
     <output_dir>/init_prompt.safetensors           P_init, shared by every task
     <output_dir>/stage1/<task>/                    best_prompt.safetensors (prompt, task_vector), metrics
@@ -85,6 +86,11 @@ class Pipeline:
             cfg.model.name_or_path, self.out.parent / ".backbones", cfg.model.embedded_d_model,
             cfg.model.embedded_layers, corpus,
         ))
+        if ctx.is_main:  # what an exported prompt's base model is (python -m dtvg_scale.export)
+            local = Path(self.model_path).expanduser()
+            recorded = str(local.resolve()) if local.exists() else self.model_path  # else a hub name
+            (self.out / "backbone.json").write_text(json.dumps(
+                {"name_or_path": cfg.model.name_or_path, "model_path": recorded}, indent=2) + "\n")
         self.hidden_size = _hidden_size(self.model_path)
         _check_prompt_fits(self.model_path, cfg.prompt.length, cfg.prompt.init_vocab_limit)
         self._encoded: dict[str, Any] = {}
