@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from dtvg_scale.gguf_backbone import GGUFError, convert_gguf, is_gguf_path
+from dtvg_scale.progress import library_bars_hidden
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -108,7 +109,8 @@ def load_backbone(model_path: str, name: str, ds_config: dict, dtype: torch.dtyp
     auto_class = AutoModelForSeq2SeqLM if encoder_decoder else AutoModelForCausalLM
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = auto_class.from_pretrained(model_path, dtype=dtype)
+        with library_bars_hidden(off_terminal_only=True):  # every run loads: a bar each in a log file
+            model = auto_class.from_pretrained(model_path, dtype=dtype)
     except OSError as err:
         raise BackboneError(f"cannot load backbone {name!r} from {model_path!r}: {err}") from err
     if tokenizer.pad_token_id is None:

@@ -47,7 +47,6 @@ The world
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -55,11 +54,13 @@ import shutil
 import tempfile
 import uuid
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import transformers
+
+from dtvg_scale.progress import library_bars_hidden
 
 __all__ = [
     "EMBEDDED_LABELS",
@@ -433,7 +434,7 @@ def build_tiny_backbone(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = _make_model(family, tokenizer, vocab_size, d_model, num_layers, num_heads, d_ff)
-        with _quiet_progress():
+        with library_bars_hidden():
             model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)
         (tmp / _STAMP).write_text(json.dumps(stamp, sort_keys=True))  # last: marks completeness
@@ -441,20 +442,6 @@ def build_tiny_backbone(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
-
-
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide transformers' "Writing model shards" bar: a library call should not draw on stderr."""
-    hf_logging = transformers.utils.logging
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if was_enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _install(tmp: Path, out: Path, stamp: dict) -> None:

@@ -29,7 +29,6 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
@@ -39,6 +38,7 @@ from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices,
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
 from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
 from dtvg_scale.grouping import GroupDecision
+from dtvg_scale.progress import Progress
 from dtvg_scale.tracking import Tracker
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -396,8 +396,7 @@ class PromptRun:
             for path in (self.metrics_path, self.trace_path):
                 path.unlink(missing_ok=True)
         pad_id = self.backbone.tokenizer.pad_token_id
-        bar = tqdm(total=loop.steps, initial=start, desc=spec.name, disable=not (ctx.is_main and spec.progress),
-                   dynamic_ncols=True, leave=False)
+        progress = Progress(spec.name, loop.steps, start, enabled=ctx.is_main and spec.progress)
         self.engine.train()
         for step in range(start, loop.steps):
             # 1) the same global batch on every rank, each takes its slice; dropout seeded per
@@ -432,8 +431,7 @@ class PromptRun:
                 self.pending_trace.append((step, decision))
             lr = self.engine.get_lr()[0]
             self.pending_metrics.append({"step": step, "loss": mean_loss, "lr": lr})
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", best=f"{self.best_score:.3f}")
+            progress.step(step, mean_loss, self.best_score)
             # 3) validate + checkpoint, and write what is buffered
             last = step == loop.steps - 1
             if (step + 1) % loop.eval_every == 0 or last:
@@ -442,6 +440,7 @@ class PromptRun:
                 self.pending_metrics.append({"step": step, "validation": scores})
                 if scores["mean"] > self.best_score:
                     self.best_score, self.best_scores, self.best_step, self.best_prompt = scores["mean"], scores, step, rows
+                progress.evaluated(step, scores["mean"], self.best_score)
                 self._flush()
                 self._save_checkpoint(step)
                 self._save_best()
@@ -453,10 +452,10 @@ class PromptRun:
             elif (step + 1) % loop.log_every == 0:
                 self._flush()
             if stop_now and not last:
-                bar.close()
+                progress.close()
                 raise RunStopped(f"{spec.name}: stopped after step {step} with a checkpoint in {self.checkpoint_dir}; "
                                  f"run the same command again to continue")
-        bar.close()
+        progress.close()
         return self._finish()
 
     def score_only(self, prompt_rows: Tensor) -> dict[str, Any]:
