@@ -274,6 +274,7 @@ class PromptRun:
         self.best_scores: dict[str, float] = {}
         self.best_step = -1
         self.best_prompt: Tensor | None = None
+        self.best_group: list[str] | None = None  # Stage II: the sources merged into the best prompt
         self.pending_metrics: list[dict] = []
         self.pending_trace: list[tuple[int, GroupDecision]] = []
         self.sharding = self._sharding()
@@ -344,7 +345,7 @@ class PromptRun:
     def _save_checkpoint(self, step: int) -> None:
         tag = f"step{step}"
         client_state = {"step": step, "best_score": self.best_score, "best_scores": self.best_scores,
-                        "best_step": self.best_step, "best_prompt": self.best_prompt}
+                        "best_step": self.best_step, "best_prompt": self.best_prompt, "best_group": self.best_group}
         try:
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state,
                                         exclude_frozen_parameters=True)
@@ -373,6 +374,7 @@ class PromptRun:
         self.best_score, self.best_step = client_state["best_score"], client_state["best_step"]
         self.best_scores = dict(client_state["best_scores"])
         self.best_prompt = client_state["best_prompt"]
+        self.best_group = client_state.get("best_group")
         if self.ctx.is_main:
             _truncate_jsonl(self.metrics_path, step)
             _truncate_jsonl(self.trace_path, step)
@@ -435,11 +437,13 @@ class PromptRun:
             # 3) validate + checkpoint, and write what is buffered
             last = step == loop.steps - 1
             if (step + 1) % loop.eval_every == 0 or last:
-                rows, _ = gathered_prompt(self.prompted)
+                rows, merged_with = gathered_prompt(self.prompted)
                 scores = self._score(rows, spec.validation, spec.validation_examples)
                 self.pending_metrics.append({"step": step, "validation": scores})
                 if scores["mean"] > self.best_score:
                     self.best_score, self.best_scores, self.best_step, self.best_prompt = scores["mean"], scores, step, rows
+                    if merged_with is not None:  # the group inside the evaluated P_mix
+                        self.best_group = [n for n, chosen in zip(spec.source_names, merged_with.mask.tolist()) if chosen]
                 progress.evaluated(step, scores["mean"], self.best_score)
                 self._flush()
                 self._save_checkpoint(step)
@@ -486,6 +490,7 @@ class PromptRun:
         result = {"run": self.spec.name, "best_step": self.best_step, "steps": self.spec.loop.steps,
                   "reported_metric": self.spec.reported_metric, "eval_mode": self.spec.eval_mode,
                   "validation": self.best_scores, "test": test, "sharding": self.sharding,
+                  **({"group_at_best": self.best_group} if self.best_group is not None else {}),
                   "examples": {"train": len(self.spec.train), "validation": len(self.spec.validation),
                                "test": len(self.spec.test)}}
         if self.ctx.is_main:

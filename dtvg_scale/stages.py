@@ -35,7 +35,7 @@ from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, opt
 from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.strategies import spot_source
-from dtvg_scale.tracking import flatten, make_tracker
+from dtvg_scale.tracking import flatten, make_tracker, result_columns
 from dtvg_scale.transfer import target_losses, transfer_gains
 
 
@@ -48,6 +48,7 @@ class Pipeline:
                  on_evaluate: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.ctx = ctx
         self.on_evaluate = on_evaluate
+        self.parent_run_id: str | None = None  # the job's MLflow run: every run here is its child
         self.cfg = cfg
         self.raw_ds_config = raw_ds_config
         self.out = Path(cfg.run.output_dir)
@@ -189,12 +190,16 @@ class Pipeline:
         tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
         stage, _, name = spec.name.partition("/")
         tracker.start(f"{Path(run.output_dir).name}/{spec.name}", flatten(self.cfg.to_dict()),
-                      tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)})
+                      tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)},
+                      parent_run_id=self.parent_run_id)
         status = "FAILED"
         try:
             if prepare is not None:
                 prepare(engine)
             result = PromptRun(self.ctx, backbone, engine, spec, tracker=tracker, **artifacts).train()
+            metrics, tags = result_columns(result)
+            tracker.log_metrics(metrics, step=result["steps"])
+            tracker.set_tags(tags)
             status = "FINISHED"
             return result
         except RunStopped:

@@ -11,7 +11,15 @@ Use::
     tracker.start(run_name, flatten(config.to_dict()), tags={"stage": "stage2"})
     tracker.log_metrics({"loss": 0.7, "lr": 1e-3}, step=s)     # any number of times
     tracker.log_artifact(out_dir / "group_trace.jsonl")          # files or folders
+    tracker.set_tags({"group": "mnli, sst2"})                    # columns in the runs table
     tracker.finish("FINISHED")                                   # or "FAILED" / "KILLED"
+
+Nesting: a job is one parent run (``start(..., record=<job folder>/mlflow_run.json)``: a job
+started again after it died reopens the same parent instead of making a second one) and each
+stage's run is its child (``start(..., parent_run_id=job.run_id)``), so the UI shows one row per
+job that unfolds into its runs. Experiments are marked as model-training experiments
+(``mlflow.experimentKind``); ``show_columns`` keeps the runs table's columns in an experiment tag
+(one of MLflow's shared views) and ``ui_link`` opens that table in model-training mode.
 
 One ``Tracker`` is one MLflow run. It uses ``MlflowClient`` (explicit run ids, no fluent
 global "active run"), so several trackers can live in one process, e.g. Ray Tune trials run
@@ -74,6 +82,11 @@ _LAST_TRY_ENV: dict[str, str] = {**HTTP_ENV, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": 
                                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "3"}
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+PARENT_TAG = "mlflow.parentRunId"  # what MLflow's UI nests runs by
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow's UI opens a view kept in an experiment tag (``?viewStateShareKey=<key>``: its shared views)
+# and in its model-training mode with ``workflowType=machine_learning`` (its default is GenAI)
+VIEW_TAG_PREFIX, VIEW_KEY = "mlflow.sharedViewState.", "dtvg_scale"
 
 # MLflow's limits (mlflow.utils.validation), repeated so that nothing needs mlflow at import.
 MAX_PARAM_VAL_LENGTH = 6000
@@ -188,8 +201,18 @@ class Tracker:
         """True while a run is open and logging works."""
         return False
 
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None, record: Path | None = None) -> None:
         pass
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        pass
+
+    def show_columns(self, columns: list[str]) -> None:
+        pass
+
+    def ui_link(self) -> str | None:
+        return None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
@@ -236,7 +259,11 @@ class MLflowTracker(Tracker):
                 log.debug("could not mark MLflow run %s FAILED: %s", self.run_id, last)
 
     # -- the API
-    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None) -> None:
+    def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None, record: Path | None = None) -> None:
+        """Open the run (a child of ``parent_run_id`` if given). With ``record`` (a JSON file), a
+        run recorded there for the same store and experiment is reopened instead of creating a
+        new one, and a new run is recorded there."""
         if self._failed or self._finished:
             return
         if self.run_id is not None:
@@ -244,9 +271,33 @@ class MLflowTracker(Tracker):
             return
         try:
             with _mlflow_call_env(HTTP_ENV):
-                self._start(run_name, params, tags or {})
+                if not (record is not None and self._reopen(record)):
+                    self._start(run_name, params, {**(tags or {}), **({PARENT_TAG: parent_run_id} if parent_run_id else {})})
+                    if record is not None:
+                        record.write_text(json.dumps({"tracking_uri": self.tracking_uri, "experiment": self.experiment,
+                                                      "run_id": self.run_id}, indent=2) + "\n")
         except Exception as exc:  # noqa: BLE001 - tracking must never stop training
             self._fail("start", exc)
+
+    def _reopen(self, record: Path) -> bool:
+        """Reopen the run ``record`` names, if it is this store's and experiment's and still there."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return False
+        if (recorded.get("tracking_uri"), recorded.get("experiment")) != (self.tracking_uri, self.experiment):
+            return False
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        try:
+            run = client.get_run(recorded["run_id"])
+        except MlflowException:  # deleted, or another store at the same URI
+            return False
+        client.update_run(run.info.run_id, status="RUNNING")
+        self._client, self.experiment_id, self.run_id = client, run.info.experiment_id, run.info.run_id
+        return True
 
     def _start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         from mlflow import MlflowClient
@@ -263,7 +314,8 @@ class MLflowTracker(Tracker):
                 folder = _BAD_KEY_CHARS.sub("_", self.experiment).replace("/", "_") or "experiment"
                 artifact_location = (db.resolve().parent / "mlruns" / folder).as_uri()
             try:
-                experiment_id = client.create_experiment(self.experiment, artifact_location=artifact_location)
+                experiment_id = client.create_experiment(self.experiment, artifact_location=artifact_location,
+                                                         tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
             except MlflowException:  # created meanwhile by another process or trial
                 experiment = client.get_experiment_by_name(self.experiment)
                 if experiment is None:
@@ -271,6 +323,8 @@ class MLflowTracker(Tracker):
                 experiment_id = experiment.experiment_id
         else:
             experiment_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made elsewhere (a sweep, by hand): open on runs too
+                client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
         run_tags = {}
         try:  # what the fluent API records: user, source, git commit
             from mlflow.tracking.context.registry import resolve_tags
@@ -292,6 +346,38 @@ class MLflowTracker(Tracker):
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._client.log_batch(self.run_id, params=items[i: i + MAX_PARAMS_PER_BATCH], synchronous=True)
+
+    def show_columns(self, columns: list[str]) -> None:
+        """Make ``columns`` (``metrics.`name```, ``tags.`name```, ``params.`name```) the columns
+        of the experiment's runs table as ``ui_link`` opens it (MLflow shows no metric by default)."""
+        if not self.active:
+            return
+        try:
+            state = json.dumps({"selectedColumns": columns})
+            with _mlflow_call_env(HTTP_ENV):
+                self._client.set_experiment_tag(self.experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, state)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("show_columns", exc)
+
+    def ui_link(self) -> str | None:
+        """Where the runs table opens in model-training mode with ``show_columns``' columns: a
+        full URL for an HTTP server, else the path to add to ``mlflow ui``'s address."""
+        if self.experiment_id is None:
+            return None
+        path = f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={VIEW_KEY}&workflowType=machine_learning"
+        return f"{self.tracking_uri.rstrip('/')}/{path}" if self.tracking_uri.startswith("http") else path
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        try:
+            from mlflow.entities import RunTag
+
+            items = [RunTag(_clean_key(k), _cut(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+            with _mlflow_call_env(HTTP_ENV):
+                self._client.log_batch(self.run_id, tags=items, synchronous=True)
+        except Exception as exc:  # noqa: BLE001
+            self._fail("set_tags", exc)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.active:
@@ -341,6 +427,23 @@ class MLflowTracker(Tracker):
             self._finished = True
         except Exception as exc:  # noqa: BLE001
             self._fail("finish", exc)
+
+
+def result_columns(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, tags) of a finished run's ``result.json`` worth a column in the runs table: the
+    best prompt's validation and test score in the task's reported metric and, in Stage II, the
+    group merged into that prompt and its size."""
+    metric = result.get("reported_metric", "mean")
+    metrics: dict[str, float] = {}
+    for split in ("validation", "test"):
+        scores = result.get(split) or {}
+        if metric in scores:
+            metrics[f"final_{split}"] = scores[metric]
+    tags = {"reported_metric": metric}
+    if "group_at_best" in result:
+        metrics["final_group_size"] = len(result["group_at_best"])
+        tags["group"] = ", ".join(result["group_at_best"]) or "(target only)"
+    return metrics, tags
 
 
 def make_tracker(enabled: bool, tracking_uri: str | None, experiment: str, run_dir: Path, is_main: bool) -> Tracker:

@@ -46,6 +46,7 @@ from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, 
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
 from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
 from dtvg_scale.tasks import UnknownTaskError, task_relation  # noqa: E402
+from dtvg_scale.tracking import flatten, make_tracker  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -137,15 +138,38 @@ def _main(argv: list[str] | None = None) -> int:
     ctx = init_distributed()
     install_stop_handlers()
     out = Path(cfg.run.output_dir)
+    run = cfg.run
+    job = make_tracker(run.tracking, run.tracking_uri, run.experiment, out.parent, ctx.is_main)  # the parent run
+    job_status = "FAILED"
     try:  # 2) the stages; each run inside is skipped if done and resumed if interrupted
         pipeline = Pipeline(ctx, cfg, raw_ds_config)
         if ctx.is_main:
             (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (out / "ds_config.json").write_text(json.dumps(raw_ds_config, indent=2) + "\n")
-        stage1 = pipeline.stage1() if cfg.run.stages in ("all", "stage1") else {}
-        stage2 = pipeline.stage2() if cfg.run.stages in ("all", "stage2") else {}
-        zero_shot = pipeline.zero_shot() if cfg.run.zero_shot else None
+        job.start(out.name, flatten(cfg.to_dict()), tags={"job": "true", "target": cfg.data.target,
+                                                          "output_dir": str(out.resolve())},
+                  record=out / "mlflow_run.json")
+        pipeline.parent_run_id = job.run_id
+        job.show_columns(runs_table_columns(cfg))
+        stage1 = pipeline.stage1() if run.stages in ("all", "stage1") else {}
+        stage2 = pipeline.stage2() if run.stages in ("all", "stage2") else {}
+        zero_shot = pipeline.zero_shot() if run.zero_shot else None
+        barrier()
+        if ctx.is_main:  # 3) the summary
+            results, text = summarize(cfg, stage1, stage2, zero_shot)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            job.log_metrics(job_columns(cfg, stage1, stage2, zero_shot), step=0)
+            job.log_artifact(out / "results.json")
+            print(text, flush=True)
+            print(f"Outputs: {out.resolve()}", flush=True)
+            link = job.ui_link()
+            if link and link.startswith("#"):  # a local store: the UI is started by hand
+                link = f"mlflow ui --backend-store-uri {job.tracking_uri}, then http://127.0.0.1:5000/{link}"
+            if link:
+                print(f"MLflow runs: {link}", flush=True)
+        job_status = "FINISHED"
     except RunStopped as stop:
+        job_status = "KILLED"
         if ctx.is_main:
             print(str(stop), flush=True)
         return 0
@@ -153,13 +177,23 @@ def _main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
-    barrier()
-    if ctx.is_main:  # 3) the summary
-        results, text = summarize(cfg, stage1, stage2, zero_shot)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(text, flush=True)
-        print(f"Outputs: {out.resolve()}", flush=True)
+    finally:
+        job.finish(job_status)
     return 0
+
+
+def runs_table_columns(cfg: Config) -> list[str]:
+    """The runs table's columns: each run's final scores and group, each job's test scores."""
+    job_rows = ["zero_shot", "prompt_tuning", *cfg.stage2.strategies]
+    return (["metrics.`final_validation`", "metrics.`final_test`", "metrics.`final_group_size`", "tags.`group`"]
+            + [f"metrics.`test_{name}`" for name in job_rows])
+
+
+def job_columns(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None) -> dict[str, float]:
+    """The job's row in the runs table: the target's test score per run (its reported metric)."""
+    runs = {"zero_shot": zero_shot, "prompt_tuning": stage1.get(cfg.data.target), **stage2}
+    return {f"test_{name}": r["test"][r["reported_metric"]] for name, r in runs.items()
+            if r and r.get("test") and r["reported_metric"] in r["test"]}
 
 
 if __name__ == "__main__":

@@ -94,11 +94,20 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        runs = client.search_runs([client.get_experiment_by_name("dtvg").experiment_id])
-        assert sorted(r.info.run_name for r in runs) == sorted(
+        experiment = client.get_experiment_by_name("dtvg")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+        runs = client.search_runs([experiment.experiment_id])
+        (job,) = [r for r in runs if r.info.run_name == "run"]  # the job's parent run
+        children = [r for r in runs if r is not job]
+        assert sorted(r.info.run_name for r in children) == sorted(
             [f"run/stage1/{t}" for t in summary["stage1"]] + [f"run/stage2/{s}" for s in summary["stage2"]])
+        assert {r.data.tags["mlflow.parentRunId"] for r in children} == {job.info.run_id}
         assert {r.info.status for r in runs} == {"FINISHED"}
+        assert job.data.metrics["test_dtvg"] == summary["stage2"]["dtvg"]["test"]["accuracy"]
         dtvg = next(r for r in runs if r.info.run_name == "run/stage2/dtvg")
+        assert dtvg.data.metrics["final_test"] == summary["stage2"]["dtvg"]["test"]["accuracy"]
+        assert dtvg.data.tags["group"] == ", ".join(summary["stage2"]["dtvg"]["group_at_best"]) or "(target only)"
+        assert dtvg.data.metrics["final_group_size"] == len(summary["stage2"]["dtvg"]["group_at_best"])
         assert dtvg.data.params["stage2.threshold"] == "0.0"
         history = client.get_metric_history(dtvg.info.run_id, "similarity/emb_help_a")
         assert [m.step for m in history] == list(range(12))  # DTVG's signal at every step

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from dtvg_scale import plots
-from dtvg_scale.tracking import MLflowTracker, Tracker, flatten, make_tracker
+from dtvg_scale.tracking import MLflowTracker, Tracker, flatten, make_tracker, result_columns
 
 CONFIG = {
     "model": {"name_or_path": "embedded:t5"},
@@ -210,3 +210,40 @@ def test_plots_of_an_empty_or_missing_trace(tmp_path):
         for draw in (plots.group_trace_heatmap, plots.similarity_over_time):
             out = draw(source, tmp_path / f"{source.stem}_{draw.__name__}.png")
             assert _png(out).shape[:2] == (int(plots.EMPTY_HEIGHT_IN * plots.DPI), int(plots.WIDTH_IN * plots.DPI))
+
+
+def test_a_job_run_nests_its_runs_and_is_reopened_when_the_job_starts_again(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    record = tmp_path / "mlflow_run.json"
+    job = MLflowTracker(uri, "dtvg-test", tmp_path)
+    job.start("job", {"a": 1}, record=record)
+    child = MLflowTracker(uri, "dtvg-test", tmp_path)
+    child.start("job/stage2/dtvg", {"a": 1}, parent_run_id=job.run_id)
+    metrics, tags = result_columns({"reported_metric": "f1", "validation": {"f1": 0.5, "mean": 0.6},
+                                    "test": {"f1": 0.4, "mean": 0.45}, "group_at_best": ["mnli", "sst2"]})
+    assert (metrics, tags) == ({"final_validation": 0.5, "final_test": 0.4, "final_group_size": 2},
+                               {"reported_metric": "f1", "group": "mnli, sst2"})
+    child.log_metrics(metrics, step=10)
+    child.set_tags(tags)
+    child.finish()
+    job.finish("KILLED")  # the job died; started again, it reopens the same parent run
+    again = MLflowTracker(uri, "dtvg-test", tmp_path)
+    again.start("job", {"a": 1}, record=record)
+    assert again.run_id == job.run_id
+    client = MlflowClient(uri)
+    assert client.get_run(job.run_id).info.status == "RUNNING"
+    again.finish()
+    experiment = client.get_experiment_by_name("dtvg-test")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == {"job", "job/stage2/dtvg"}
+    assert runs["job"].info.status == "FINISHED"
+    assert runs["job/stage2/dtvg"].data.tags["mlflow.parentRunId"] == job.run_id
+    assert runs["job/stage2/dtvg"].data.tags["group"] == "mnli, sst2"
+    assert runs["job/stage2/dtvg"].data.metrics["final_test"] == 0.4
+    # a record of another store or experiment is not reopened: a new run is made and recorded
+    other = MLflowTracker(uri, "another", tmp_path)
+    other.start("job", {"a": 1}, record=record)
+    assert other.run_id != job.run_id and json.loads(record.read_text())["run_id"] == other.run_id
+    assert result_columns({"reported_metric": "accuracy", "validation": {"accuracy": 1.0}, "test": None}) == (
+        {"final_validation": 1.0}, {"reported_metric": "accuracy"})

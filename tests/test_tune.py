@@ -73,6 +73,7 @@ def sweep(mlflow_server, tmp_path_factory):
          "--num_cpus", "2", "--tracking_uri", mlflow_server, "--experiment", "test-sweep", *QUICK],
         cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    (out / "sweep.log").write_text(result.stdout)
     return out, json.loads((out / "best.json").read_text())
 
 
@@ -80,11 +81,21 @@ def test_every_trial_is_a_finished_mlflow_run_with_params_metrics_and_heatmap(ml
     _, best = sweep
     assert best["trials"] == 4 and best["errors"] == []
     experiment = _api(mlflow_server, "experiments/get-by-name?experiment_name=test-sweep")["experiment"]
-    runs = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
+    everything = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+    (parent,) = [r for r in everything if r["info"]["run_name"].startswith("sweep ")]  # the sweep's own run
+    runs = [r for r in everything if r is not parent]
     assert len(runs) == 4
-    assert {run["info"]["status"] for run in runs} == {"FINISHED"}  # ASHA-stopped ones too
-    tagged_best = [r for r in runs if {"key": "best_trial", "value": "true"} in r["data"].get("tags", [])]
+    assert {run["info"]["status"] for run in everything} == {"FINISHED"}  # ASHA-stopped ones too
+    tags = [{t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs]
+    assert {t["mlflow.parentRunId"] for t in tags} == {parent["info"]["run_id"]}  # nested under the sweep
+    for run in runs:  # named by the searched knobs, then the trial id
+        name = run["info"]["run_name"]
+        assert name.startswith("kc_weight=") and " threshold=" in name and name.endswith(")"), name
+    tagged_best = [r for r, t in zip(runs, tags) if t.get("best_trial") == "true"]
     assert len(tagged_best) == 1
+    parent_metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent_metrics["validation_mean"] == best["best_validation_mean"] and parent_metrics["trials"] == 4
     for run in runs:
         params = {p["key"] for p in run["data"]["params"]}
         assert {"stage2.threshold", "stage2.kc_weight", "stage2.source_scale_lr"} <= params
@@ -113,19 +124,27 @@ def test_the_best_config_reproduces_its_run_through_train_py(sweep, tmp_path):
 
 
 def test_the_mlflow_ui_shows_the_sweep_in_a_real_browser(mlflow_server, sweep, tmp_path):
+    """The link the sweep prints opens the runs table in model-training mode, with a score column,
+    one row for the sweep that unfolds into its trials (nested: the trials are not top-level rows)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium'; .ci/run installs it as root)")
+    out, best = sweep
     experiment = _api(mlflow_server, "experiments/get-by-name?experiment_name=test-sweep")["experiment"]
-    url = f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs"
+    url = (f"{mlflow_server}/#/experiments/{experiment['experiment_id']}/runs"
+           f"?viewStateShareKey=dtvg_scale&workflowType=machine_learning")
+    assert f"MLflow runs: {url}" in (out / "sweep.log").read_text()
     browser = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--window-size=1400,900"]
+               f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--window-size=1600,900"]
     dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
     runs = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
-    names = [run["info"]["run_name"] for run in runs]
-    shown = [name for name in names if name in dom]
-    assert "test-sweep" in dom and len(shown) == 4, (shown, dom[-2000:])
+    (parent,) = [run["info"]["run_name"] for run in runs if run["info"]["run_name"].startswith("sweep ")]
+    trials = [run["info"]["run_name"] for run in runs if not run["info"]["run_name"].startswith("sweep ")]
+    assert "test-sweep" in dom and "Model training" in dom, dom[-2000:]
+    assert 'col-id="metrics.`validation_mean`"' in dom  # a score column, shown without asking
+    assert f">{parent}<" in dom and "runnamecellrenderer" in dom  # the sweep's row, with its unfold button
+    assert "<strong>5</strong> matching runs" in dom and not any(f">{name}<" in dom for name in trials)  # nested
     # and as a person sees it: a screenshot of the runs table (kept with the test's files)
     subprocess.run([*browser, f"--screenshot={tmp_path / 'mlflow_ui.png'}", url], capture_output=True, timeout=180)
     assert (tmp_path / "mlflow_ui.png").stat().st_size > 20_000

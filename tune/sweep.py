@@ -13,8 +13,10 @@ early stopping on that score, or a grid (``--search grid``). Searched: ``stage2.
 ``stage2.kc_weight`` (λ, with "kc_only" for the authors' rule), ``stage2.max_group_size``, the
 two scale learning rates, and with ``--variants`` the similarity, selection, merge and ranking variants.
 Each trial is an MLflow run (Ray's MLflowLoggerCallback: FINISHED, FAILED or stopped by ASHA and
-then FINISHED, never left RUNNING) under one experiment per sweep, with its run folder (group
-trace, heatmap, prompts) as artifacts; the best trial is tagged ``best_trial=true``, and its
+then FINISHED, never left RUNNING), named by its values of the searched knobs and nested under
+the sweep's own run (one per ``--out`` folder; a sweep started again reopens it), with its run
+folder (group trace, heatmap, prompts) as artifacts; the best trial is tagged ``best_trial=true``
+and its validation score and values are on the sweep's run; the best trial's
 complete config is written to ``<out>/best_config.yaml``, ready for
 ``train.py --config <out>/best_config.yaml``.
 
@@ -40,6 +42,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from dtvg_scale.config import ConfigError, load_config  # noqa: E402
+from dtvg_scale.tracking import EXPERIMENT_KIND_TAG, PARENT_TAG, TRAINING_KIND, MLflowTracker  # noqa: E402
 
 KC_ONLY, NO_CAP = "kc_only", "none"  # categorical stand-ins for null (the authors' rule / no cap)
 
@@ -68,6 +71,20 @@ def search_space(search: str, variants: bool) -> dict[str, Any]:
         space["stage2.selection"] = tune.choice(["greedy_prefix", "exact"])
         space["stage2.ranking"] = tune.choice(list(VARIANT_KNOBS["ranking"]))
     return space
+
+
+SHORT_NAMES = {"stage2.threshold": "threshold", "stage2.kc_weight": "kc_weight", "stage2.max_group_size": "max_group",
+               "stage2.source_scale_lr": "source_lr", "stage2.target_scale_lr": "target_lr"}
+
+
+def trial_name(trial_config: dict[str, Any], trial_id: str) -> str:
+    """A trial's MLflow run name: its values of the searched knobs (every one of them differs
+    from trial to trial), short, then the trial id (what ``tag_best`` matches on)."""
+    parts = []
+    for key, value in sorted(trial_config.items()):
+        name = SHORT_NAMES.get(key, key.rsplit(".", 1)[-1])
+        parts.append(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}")
+    return " ".join(parts) + f" ({trial_id})"
 
 
 def trial_overrides(trial_config: dict[str, Any]) -> list[str]:
@@ -168,11 +185,12 @@ def tag_best(tracking_uri: str, experiment: str, best_trial_id: str) -> None:
 
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    for run in client.search_runs([experiment_id], filter_string=f"tags.trial_name LIKE '%{best_trial_id}'"):
+    for run in client.search_runs([experiment_id], filter_string=f"tags.trial_name LIKE '%({best_trial_id})'"):
         client.set_tag(run.info.run_id, "best_trial", "true")
 
 
-def new_tuner(trainable, args: argparse.Namespace, experiment: str, out: Path, tracking_uri: str):
+def new_tuner(trainable, args: argparse.Namespace, experiment: str, out: Path, tracking_uri: str,
+              sweep_run_id: str | None):
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -187,11 +205,13 @@ def new_tuner(trainable, args: argparse.Namespace, experiment: str, out: Path, t
             search_alg=OptunaSearch(seed=0) if args.search == "optuna" else None,
             scheduler=ASHAScheduler(time_attr="training_iteration", grace_period=args.grace_period,
                                     reduction_factor=2),
+            trial_name_creator=lambda trial: trial_name(trial.config, trial.trial_id),
+            trial_dirname_creator=lambda trial: f"dtvg_trial_{trial.trial_id}",  # a folder name without spaces
         ),
         run_config=tune.RunConfig(
             name=experiment, storage_path=str(out / "ray"), verbose=0,
-            callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment,
-                                            save_artifact=True, tags={"sweep": str(out)})],
+            callbacks=[MLflowLoggerCallback(tracking_uri=tracking_uri, experiment_name=experiment, save_artifact=True,
+                                            tags={"sweep": str(out), **({PARENT_TAG: sweep_run_id} if sweep_run_id else {})})],
         ),
     )
 
@@ -248,15 +268,25 @@ def main(argv: list[str] | None = None) -> int:
 
         client = MlflowClient(tracking_uri=tracking_uri)
         if client.get_experiment_by_name(experiment) is None:
-            client.create_experiment(experiment, artifact_location=(out / "mlruns").as_uri())
+            client.create_experiment(experiment, artifact_location=(out / "mlruns").as_uri(),
+                                     tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    # the sweep's own run, the parent of every trial's (reopened when the sweep is started again)
+    sweep_run = MLflowTracker(tracking_uri, experiment, out)
+    sweep_run.start(f"sweep {out.name}", {"num_samples": args.num_samples, "search": args.search,
+                                          "variants": args.variants, "overrides": args.overrides},
+                    tags={"sweep": str(out)}, record=out / "mlflow_run.json")
+    sweep_run.show_columns(["metrics.`validation_mean`", "tags.`best_trial`", "tags.`trial_name`",
+                            *(f"params.`{key}`" for key in search_space(args.search, args.variants))])
+    sweep_status = "FAILED"
     settings = {"overrides": args.overrides, "config": args.config, "stage1_dir": str(stage1_dir),
                 "ds_config": ds_config, "ranks": args.ranks_per_trial, "use_gpu": args.gpus_per_trial > 0}
 
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
-    else:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
+        if args.address:
+            ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+        else:
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+
         def dtvg_trial(config: dict[str, Any]) -> None:
             (run_stage2 if args.ranks_per_trial == 1 else run_stage2_on_ranks)(config, settings)
 
@@ -269,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Resuming the sweep in {experiment_path}", flush=True)
             tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
         else:
-            tuner = new_tuner(trainable, args, experiment, out, tracking_uri)
+            tuner = new_tuner(trainable, args, experiment, out, tracking_uri, sweep_run.run_id)
         # slurm's warning before the time limit: stop the way Ctrl-C does (Tune saves its state)
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         results = tuner.fit()
@@ -282,9 +312,20 @@ def main(argv: list[str] | None = None) -> int:
                    "best_values": best.config, "tracking_uri": tracking_uri, "experiment": experiment,
                    "trials": len(results), "errors": [str(e) for e in results.errors]}
         (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        sweep_run.log_metrics({"validation_mean": best.metrics["validation_mean"], "trials": len(results),  # the best
+                               "failed_trials": len(results.errors)}, step=0)
+        sweep_run.set_tags({"best_trial": trial_name(best.config, best.metrics["trial_id"])})
+        sweep_run.log_artifact(out / "best_config.yaml")
         print(json.dumps(summary, indent=2, default=str))
         print(f"Best config: {out / 'best_config.yaml'}  (train.py --config {out / 'best_config.yaml'})")
+        if sweep_run.ui_link():
+            print(f"MLflow runs: {sweep_run.ui_link()}")
+        sweep_status = "FINISHED"
+    except KeyboardInterrupt:  # Ctrl-C or slurm's SIGUSR1: Tune saved its state, the same command goes on
+        sweep_status = "KILLED"
+        raise
     finally:
+        sweep_run.finish(sweep_status)
         ray.shutdown()
     return 0
 
