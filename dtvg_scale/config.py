@@ -28,8 +28,49 @@ class ConfigError(ValueError):
     """A bad option: raised before any model is loaded."""
 
 
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
+@dataclass(frozen=True)
+class Range:
+    """The values an option accepts, checked once where options are built (``build_config``).
+    ``low``/``high`` bound numbers (``open_low``: strictly above ``low``); ``path`` is
+    ``"folder"`` (must be an existing folder) or ``"not_file"`` (a folder or nothing yet)."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    path: str | None = None
+
+    def accepts(self, value: Any) -> bool:
+        if self.path == "folder":
+            return Path(str(value)).expanduser().is_dir()
+        if self.path == "not_file":
+            return not Path(str(value)).expanduser().is_file()
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self, annotation: Any) -> str:
+        if self.path == "folder":
+            return "an existing folder"
+        if self.path == "not_file":
+            return "a folder (existing or new), not a file"
+        kind = "an integer" if int in _plain_types(annotation) else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{kind} in [{self.low:g}, {self.high:g}]"
+        return f"{kind} {'>' if self.open_low else '>='} {self.low:g}"
+
+
+def _plain_types(annotation: Any) -> tuple[Any, ...]:
+    """``int | None`` -> (int,); ``float`` -> (float,)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return tuple(a for a in args if a is not type(None))
+
+
+AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(low=1), Range(low=0), Range(low=0, open_low=True)
+UNIT_INTERVAL = Range(low=0, high=1)
+
+
+def _help(text: str, check: Range | None = None, **kwargs: Any) -> Any:
+    return field(metadata={"help": text, "check": check}, **kwargs)
 
 
 @dataclass
@@ -43,8 +84,8 @@ class ModelArgs:
     precision: str = _help(
         "auto (bf16 where the accelerator supports it, fp32 on CPU), fp32 or bf16.", default="auto"
     )
-    embedded_d_model: int = _help("Width of the embedded tiny backbone.", default=64)
-    embedded_layers: int = _help("Layers (per stack) of the embedded tiny backbone.", default=2)
+    embedded_d_model: int = _help("Width of the embedded tiny backbone.", Range(low=8), default=64)
+    embedded_layers: int = _help("Layers (per stack) of the embedded tiny backbone.", AT_LEAST_1, default=2)
 
     def __post_init__(self) -> None:
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -60,39 +101,41 @@ class DataArgs:
             "emb_help_a", "emb_help_b", "emb_unrel_a", "emb_unrel_b", "emb_conf_a", "emb_conf_b",
         ],
     )
-    seed: int = _help("Seed of the data order and of the embedded suite.", default=0)
+    seed: int = _help("Seed of the data order and of the embedded suite.", AT_LEAST_0, default=0)
     local_dir: str | None = _help(
         "Read benchmark tasks from this folder of hub-schema JSONL files (<benchmark>/<task>/<split>.jsonl) "
         "instead of the hub; nothing is downloaded then.",
-        default=None,
+        Range(path="folder"), default=None,
     )
     k_shot: int | None = _help(
         "Few-shot target: K training examples per class of the target, class-balanced, drawn with data.seed "
         "(sources keep their full train, capped by max_train_samples).",
-        default=None,
+        AT_LEAST_1, default=None,
     )
-    split_seed: int = _help("Seed of the ATTEMPT/DePT validation/test split rules (they use 42).", default=42)
+    split_seed: int = _help("Seed of the ATTEMPT/DePT validation/test split rules (they use 42).", AT_LEAST_0,
+                            default=42)
     compat_quirks: bool = _help(
         "Reproduce the prior code's documented quirks (WinoGrande's second option never shown, STS-B rounded "
         "to 0.1) so numbers compare with the paper's; false fixes them.",
         default=True,
     )
-    max_source_length: int = _help("Input tokens kept (paper: 256).", default=256)
-    max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).", default=20)
+    max_source_length: int = _help("Input tokens kept (paper: 256).", AT_LEAST_1, default=256)
+    max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).",
+                                   AT_LEAST_1, default=20)
     eval_mode: str = _help(
         "How validation and test predictions are made: generate (greedy decoding, the paper) or likelihood (the "
         "class label whose tokens the model finds most likely after the input; classification tasks only, always "
         "yields a label, one forward pass per label).",
         default="generate",
     )
-    max_train_samples: int | None = _help("Cap on training examples per task (null: all).", default=None)
+    max_train_samples: int | None = _help("Cap on training examples per task (null: all).", AT_LEAST_1, default=None)
     max_eval_samples: int | None = _help(
         "Cap on validation and test examples per task, the first of each split (null: all; quick runs only, "
         "not the paper's protocol).",
-        default=None,
+        AT_LEAST_1, default=None,
     )
-    embedded_train_size: int = _help("Training examples per embedded task.", default=512)
-    embedded_eval_size: int = _help("Validation and test examples per embedded task.", default=128)
+    embedded_train_size: int = _help("Training examples per embedded task.", AT_LEAST_1, default=512)
+    embedded_eval_size: int = _help("Validation and test examples per embedded task.", AT_LEAST_1, default=128)
     split_overrides: list[str] = _help(
         "Explicit departures from a benchmark task's split protocol, TASK.SPLIT=OFFICIAL_SPLIT, e.g. "
         "[mnli.validation=validation_matched] where validation_mismatched is not at hand; recorded in the run.",
@@ -121,38 +164,37 @@ class DataArgs:
 
 @dataclass
 class PromptArgs:
-    length: int = _help("Soft prompt tokens r (paper: 100).", default=8)
-    init_vocab_limit: int = _help("P_init rows are drawn from the first this-many token ids.", default=5000)
-    init_seed: int = _help("Seed of the P_init draw; every task shares P_init.", default=42)
+    length: int = _help("Soft prompt tokens r (paper: 100).", AT_LEAST_1, default=8)
+    init_vocab_limit: int = _help("P_init rows are drawn from the first this-many token ids.", AT_LEAST_1, default=5000)
+    init_seed: int = _help("Seed of the P_init draw; every task shares P_init.", AT_LEAST_0, default=42)
 
 
 @dataclass
 class LoopArgs:
-    steps: int = _help("Optimizer steps.", default=150)
-    batch_size: int = _help("Global batch size (over ranks and accumulation).", default=32)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", default=1)
-    warmup_steps: int = _help("Linear warmup steps, then linear decay to 0 (paper: 500).", default=10)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
-    eval_every: int = _help("Validate (and checkpoint) every this-many steps (paper: 1000).", default=50)
-    eval_batch_size: int = _help("Examples per rank per generation batch.", default=64)
-    log_every: int = _help("Write metrics and the group trace every this-many steps.", default=10)
+    steps: int = _help("Optimizer steps.", AT_LEAST_1, default=150)
+    batch_size: int = _help("Global batch size (over ranks and accumulation).", AT_LEAST_1, default=32)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", AT_LEAST_1, default=1)
+    warmup_steps: int = _help("Linear warmup steps, then linear decay to 0 (paper: 500).", AT_LEAST_0, default=10)
+    weight_decay: float = _help("AdamW weight decay.", AT_LEAST_0, default=0.0)
+    eval_every: int = _help("Validate (and checkpoint) every this-many steps (paper: 1000).", AT_LEAST_1, default=50)
+    eval_batch_size: int = _help("Examples per rank per generation batch.", AT_LEAST_1, default=64)
+    log_every: int = _help("Write metrics and the group trace every this-many steps.", AT_LEAST_1, default=10)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "eval_every", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        pass  # ranges: Range metadata, checked by build_config with the section's name
 
 
 @dataclass
 class Stage1Args(LoopArgs):
-    lr: float = _help("Prompt learning rate (paper: 0.3).", default=0.3)
-    weight_decay: float = _help("AdamW weight decay (paper: 1e-5).", default=1e-5)
+    lr: float = _help("Prompt learning rate (paper: 0.3).", ABOVE_0, default=0.3)
+    weight_decay: float = _help("AdamW weight decay (paper: 1e-5).", AT_LEAST_0, default=1e-5)
     min_score: float | None = _help(
         "Quality gate (not in the paper): a source whose best validation score (mean of its metrics, 0..1) "
         "stays below this is retrained with another seed, then excluded from Stage II; null: off.",
-        default=None,
+        UNIT_INTERVAL, default=None,
     )
-    gate_retries: int = _help("Retrainings a source below stage1.min_score gets before it is excluded.", default=1)
+    gate_retries: int = _help("Retrainings a source below stage1.min_score gets before it is excluded.", AT_LEAST_0,
+                              default=1)
 
 
 @dataclass
@@ -161,17 +203,19 @@ class Stage2Args(LoopArgs):
         f"Stage-II strategies to run, each from the same Stage-I vectors: {', '.join(STRATEGIES)}.",
         default_factory=lambda: list(STRATEGIES),
     )
-    batch_size: int = _help("Global batch size (paper: 16).", default=16)
-    prompt_lr: float = _help("Target prompt learning rate (paper: 1e-3).", default=1e-2)
-    target_scale_lr: float = _help("Learning rate of the target's per-token scales (paper: 1e-3).", default=1e-2)
-    source_scale_lr: float = _help("Learning rate of the sources' per-token scales (paper: 1e-3).", default=1e-2)
-    spot_lr: float = _help("Prompt learning rate of the SPoT baseline (plain prompt tuning).", default=0.3)
+    batch_size: int = _help("Global batch size (paper: 16).", AT_LEAST_1, default=16)
+    prompt_lr: float = _help("Target prompt learning rate (paper: 1e-3).", ABOVE_0, default=1e-2)
+    target_scale_lr: float = _help("Learning rate of the target's per-token scales (paper: 1e-3).", ABOVE_0,
+                                   default=1e-2)
+    source_scale_lr: float = _help("Learning rate of the sources' per-token scales (paper: 1e-3).", ABOVE_0,
+                                   default=1e-2)
+    spot_lr: float = _help("Prompt learning rate of the SPoT baseline (plain prompt tuning).", ABOVE_0, default=0.3)
     threshold: float = _help("Sources with similarity >= threshold are candidates.", default=0.0)
     kc_weight: float | None = _help(
         "null: the code's rule (knowledge consistency alone); a number lambda: the paper's TS + lambda*KC.",
-        default=None,
+        AT_LEAST_0, default=None,
     )
-    max_group_size: int | None = _help("Cap on the group size (null: none).", default=None)
+    max_group_size: int | None = _help("Cap on the group size (null: none).", AT_LEAST_1, default=None)
     similarity: str = _help(
         "Task-vector similarity: mean_dot (the paper), mean_cosine, flat_dot, flat_cosine, centered_sources, "
         "centered_all, token_cosine (dtvg_scale/variants.py).",
@@ -182,9 +226,9 @@ class Stage2Args(LoopArgs):
         "lambda = kc_weight or 1), top_k.",
         default="greedy_prefix",
     )
-    top_k: int | None = _help("Group size of selection=top_k.", default=None)
+    top_k: int | None = _help("Group size of selection=top_k.", AT_LEAST_1, default=None)
     merge: str = _help("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
-    temperature: float = _help("Softmax temperature of merge=softmax.", default=1.0)
+    temperature: float = _help("Softmax temperature of merge=softmax.", ABOVE_0, default=1.0)
     scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros.", default="ones")
     ranking: str = _help(
         "What ranks and thresholds the sources: task_vector (the paper: similarity of task vectors) or transfer "
@@ -193,7 +237,7 @@ class Stage2Args(LoopArgs):
         default="task_vector",
     )
     transfer_examples: int = _help("Target training examples ranking=transfer scores each source on (the first N).",
-                                   default=256)
+                                   AT_LEAST_1, default=256)
     preset: str = _help(
         "A named set of the knobs above: paper (the default, the authors' code), centered (similarity="
         "centered_all: kept conflicting sources out of the group) or transfer (ranking=transfer: ranked the "
@@ -211,29 +255,25 @@ class Stage2Args(LoopArgs):
         for knob in ("similarity", "selection", "merge", "scale_init", "ranking"):
             if getattr(self, knob) not in VARIANT_KNOBS[knob]:
                 raise ConfigError(f"unknown stage2.{knob} {getattr(self, knob)!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
-        if self.selection == "top_k" and (self.top_k is None or self.top_k < 1):
-            raise ConfigError("stage2.selection=top_k needs stage2.top_k >= 1")
-        if self.temperature <= 0:
-            raise ConfigError("stage2.temperature must be > 0")
-        if self.transfer_examples < 1:
-            raise ConfigError("stage2.transfer_examples must be >= 1")
+        if self.selection == "top_k" and self.top_k is None:
+            raise ConfigError("stage2.selection=top_k needs stage2.top_k (an integer >= 1)")
         unknown = [s for s in self.strategies if s not in STRATEGIES]
         if unknown:
             raise ConfigError(f"unknown strategy {unknown[0]!r}; known strategies: {', '.join(STRATEGIES)}")
         if not self.strategies:
             raise ConfigError("stage2.strategies is empty")
-        if self.max_group_size is not None and self.max_group_size < 1:
-            raise ConfigError(f"stage2.max_group_size must be >= 1 or null, got {self.max_group_size}")
 
 
 @dataclass
 class RunArgs:
-    output_dir: str = _help("Run directory: every output of the run goes below it.", default="runs/embedded")
+    output_dir: str = _help("Run directory: every output of the run goes below it.", Range(path="not_file"),
+                            default="runs/embedded")
     stages: str = _help("all (Stage I then II), stage1, or stage2 (needs Stage-I outputs).", default="all")
-    stage1_dir: str | None = _help("Read Stage-I outputs from here instead of <output_dir>/stage1.", default=None)
-    seed: int = _help("Seed of dropout and other randomness in training.", default=0)
+    stage1_dir: str | None = _help("Read Stage-I outputs from here instead of <output_dir>/stage1.",
+                                   Range(path="folder"), default=None)
+    seed: int = _help("Seed of dropout and other randomness in training.", AT_LEAST_0, default=0)
     resume: bool = _help("Continue from the latest checkpoint of each run found in output_dir.", default=True)
-    keep_checkpoints: int = _help("Checkpoints kept per run (older ones are deleted).", default=1)
+    keep_checkpoints: int = _help("Checkpoints kept per run (older ones are deleted).", AT_LEAST_1, default=1)
     zero_shot: bool = _help(
         "Also score the target with no soft prompt at all (the task's template alone) on validation and test: "
         "the backbone's zero-shot score, in results.json and <output_dir>/zero_shot/.",
@@ -254,16 +294,12 @@ class RunArgs:
     stop_after: int | None = _help(
         "Checkpoint and stop after this many optimizer steps of this invocation (to fit a job time limit); "
         "run the same command again to continue. SIGTERM/SIGUSR1 do the same at the end of the current step.",
-        default=None,
+        AT_LEAST_1, default=None,
     )
 
     def __post_init__(self) -> None:
         if self.stages not in ("all", "stage1", "stage2"):
             raise ConfigError(f"run.stages must be all, stage1 or stage2, got {self.stages!r}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError("run.keep_checkpoints must be >= 1")
-        if self.stop_after is not None and self.stop_after < 1:
-            raise ConfigError("run.stop_after must be >= 1 or null")
 
 
 @dataclass
@@ -348,8 +384,9 @@ def _all_keys() -> dict[str, tuple[str, str]]:
     return keys
 
 
-def build_config(values: dict[str, Any] | None = None) -> Config:
-    """Build a validated Config from flat ``{"section.key": value}`` entries (later ones win)."""
+def build_config(values: dict[str, Any] | None = None, check_paths: bool = True) -> Config:
+    """Build a validated Config from flat ``{"section.key": value}`` entries (later ones win).
+    ``check_paths=False`` reads a finished run's config without asking its folders to exist here."""
     known = _all_keys()
     chosen: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
     for key, value in (values or {}).items():
@@ -361,7 +398,22 @@ def build_config(values: dict[str, Any] | None = None) -> Config:
         annotation = _field_types(_section_types()[section])[name]
         chosen[section][name] = _coerce(value, annotation, f"{section}.{name}")
     _apply_preset(chosen["stage2"])
+    for section, given in chosen.items():  # before any dataclass check: a range error names its option
+        _check_ranges(section, given, check_paths)
     return Config(**{section: cls(**chosen[section]) for section, cls in _section_types().items()})
+
+
+def _check_ranges(section: str, given: dict[str, Any], check_paths: bool) -> None:
+    """Each given value against its field's ``Range`` (defaults are in range by construction)."""
+    fields = {f.name: f for f in dataclasses.fields(_section_types()[section])}
+    for name, value in given.items():
+        check = fields[name].metadata.get("check")
+        if check is None or value is None or (check.path and not check_paths) or check.accepts(value):
+            continue
+        annotation = _field_types(_section_types()[section])[name]
+        optional = type(None) in typing.get_args(annotation)
+        raise ConfigError(f"{section}.{name} must be {check.describe(annotation)}"
+                          f"{' or null' if optional else ''}, got {value!r}")
 
 
 def _apply_preset(stage2: dict[str, Any]) -> None:
@@ -397,7 +449,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return values
 
 
-def load_config(config_file: str | None, overrides: list[str]) -> Config:
+def load_config(config_file: str | None, overrides: list[str], check_paths: bool = True) -> Config:
     values: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
@@ -405,7 +457,7 @@ def load_config(config_file: str | None, overrides: list[str]) -> Config:
             raise ConfigError(f"config file not found: {path}")
         values.update(flatten_yaml(yaml.safe_load(path.read_text()) or {}))
     values.update(parse_overrides(overrides))
-    return build_config(values)
+    return build_config(values, check_paths)
 
 
 def describe_options() -> str:

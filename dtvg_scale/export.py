@@ -74,7 +74,7 @@ def candidate_runs(job: Path) -> list[str]:
 def best_target_run(job: Path) -> str:
     """The target's finished run with the best validation mean (Stage-II strategies in name
     order, then the target's Stage I; the first of equals wins)."""
-    target = load_config(str(job / "config.yaml"), []).data.target
+    target = load_config(str(job / "config.yaml"), [], check_paths=False).data.target
     names = sorted(p.parent.name for p in job.glob(f"stage2/*/{PROMPT_FILE}"))
     runs = [f"stage2/{name}" for name in names] + [f"stage1/{target}"]
     scored = []
@@ -110,7 +110,7 @@ def export(given: Path, out: Path, run: str | None = None, base_model: str | Non
     from safetensors.torch import save_file
 
     job, run_dir = find_run(given, run)
-    cfg = load_config(str(job / "config.yaml"), [])
+    cfg = load_config(str(job / "config.yaml"), [], check_paths=False)  # its data folders may be elsewhere now
     model_path = base_model or base_model_path(job, cfg.model.name_or_path)
     try:
         encoder_decoder = is_encoder_decoder_config(model_path)

@@ -154,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in args.runs:
             if not (Path(run) / "config.yaml").is_file():
                 raise ConfigError(f"{run} is not a train.py run directory (no config.yaml)")
+            load_config(str(Path(run) / "config.yaml"), [*args.overrides, f"run.output_dir={run}"])  # ranges, folders
+        unknown = [s for s in args.strategies if s not in STRATEGIES]
+        if unknown:
+            raise ConfigError(f"--strategies: unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)}")
+        if any(p.is_file() for p in Path(args.out).resolve().parents) or Path(args.out).with_suffix(".md").is_dir():
+            raise ConfigError(f"--out {args.out}: a path prefix below a folder (writes <out>.md and <out>.json)")
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -48,6 +48,44 @@ def test_bad_options_stop_before_training(tmp_path, args, message):
     assert not (tmp_path / "run" / "stage1").exists()  # no work was started
 
 
+@pytest.mark.parametrize("option, accepted", [
+    ("prompt.length=-3", "prompt.length must be an integer >= 1, got -3"),
+    ("stage1.lr=-0.1", "stage1.lr must be a number > 0, got -0.1"),
+    ("data.k_shot=0", "data.k_shot must be an integer >= 1 or null, got 0"),
+    ("data.max_source_length=0", "data.max_source_length must be an integer >= 1, got 0"),
+    ("data.max_train_samples=0", "data.max_train_samples must be an integer >= 1 or null, got 0"),
+    ("run.output_dir=README.md", "run.output_dir must be a folder (existing or new), not a file, got 'README.md'"),
+])
+def test_an_option_out_of_range_stops_with_exit_code_2_and_writes_nothing(tmp_path, option, accepted):
+    result = train(f"run.output_dir={tmp_path / 'run'}", *QUICK, option)
+    assert result.returncode == 2 and result.stderr == f"error: {accepted}\n", result.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_and_report_arguments_are_checked_before_anything_starts(tmp_path):
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "tune/sweep.py", "--out", str(tmp_path / "sweep"), *args, *QUICK],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+    (tmp_path / "stage1" / "emb_target").mkdir(parents=True)
+    for args, message in [
+        (["--num_samples", "0"], "--num_samples must be >= 1, got 0"),
+        (["--cpus_per_trial", "0"], "--cpus_per_trial must be > 0, got 0.0"),
+        (["--ranks_per_trial", "2", "--num_cpus", "2"], "a trial needs 2.1 CPUs"),  # Ray would wait forever
+        (["--stage1_dir", str(tmp_path / "stage1")], "has no Stage-I prompt of emb_target, emb_help_a"),
+        (["stage2.temperature=0"], "stage2.temperature must be a number > 0"),
+    ]:
+        result = sweep(*args)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr, (
+            args, result.stderr[-2000:])
+        assert result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "sweep").exists()  # neither Ray nor Stage I started
+    report = subprocess.run([sys.executable, "dtvg_scale/report.py", "--runs", str(tmp_path), "--out", str(tmp_path / "t")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 2 and "is not a train.py run directory" in report.stderr
+
+
 def test_a_deepspeed_config_with_its_own_optimizer_is_refused(tmp_path):
     ds_config = tmp_path / "ds.json"
     ds_config.write_text(json.dumps({"optimizer": {"type": "Adam", "params": {"lr": 1e-3}},

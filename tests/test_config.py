@@ -37,7 +37,7 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
         ({"stage2.strategies": ["dtvg", "magic"]}, "unknown strategy 'magic'"),
         ({"prompt.length": "long"}, "must be an integer"),
         ({"run.resume": "yes"}, "true or false"),
-        ({"stage1.steps": 0}, "steps must be >= 1"),
+        ({"stage1.steps": 0}, "stage1.steps must be an integer >= 1, got 0"),
         ({"model.precision": "fp8"}, "precision"),
         ({"steps": 3}, "unknown option 'steps'"),  # ambiguous: stage1 or stage2
         ({"data.eval_mode": "beam"}, "data.eval_mode must be generate or likelihood"),
@@ -46,6 +46,44 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
 def test_bad_options_fail_with_one_clear_message(values, message):
     with pytest.raises(ConfigError, match=message):
         build_config(values)
+
+
+@pytest.mark.parametrize("key, value, accepted", [
+    ("prompt.length", -3, "an integer >= 1"),
+    ("stage1.lr", -0.1, "a number > 0"),
+    ("stage2.prompt_lr", 0, "a number > 0"),
+    ("stage2.source_scale_lr", -1e-3, "a number > 0"),
+    ("data.k_shot", 0, "an integer >= 1 or null"),
+    ("data.max_source_length", 0, "an integer >= 1"),
+    ("data.max_target_length", 0, "an integer >= 1"),
+    ("data.max_train_samples", 0, "an integer >= 1 or null"),
+    ("data.max_eval_samples", -1, "an integer >= 1 or null"),
+    ("data.seed", -1, "an integer >= 0"),
+    ("stage2.warmup_steps", -5, "an integer >= 0"),
+    ("stage1.weight_decay", -0.1, "a number >= 0"),
+    ("stage1.min_score", 1.5, "a number in [0, 1] or null"),
+    ("stage2.temperature", 0, "a number > 0"),
+    ("stage2.kc_weight", -1, "a number >= 0 or null"),
+    ("stage2.max_group_size", 0, "an integer >= 1 or null"),
+    ("run.keep_checkpoints", 0, "an integer >= 1"),
+    ("run.stop_after", 0, "an integer >= 1 or null"),
+    ("model.embedded_d_model", 4, "an integer >= 8"),
+    ("data.local_dir", "/no/such/folder", "an existing folder or null"),
+    ("run.stage1_dir", "/no/such/folder", "an existing folder or null"),
+    ("run.output_dir", __file__, "a folder (existing or new), not a file"),
+])
+def test_every_option_is_checked_against_its_range(key, value, accepted):
+    with pytest.raises(ConfigError) as caught:
+        build_config({key: value})
+    assert str(caught.value) == f"{key} must be {accepted}, got {value!r}" or (
+        isinstance(value, int) and str(caught.value) == f"{key} must be {accepted}, got {float(value)!r}")
+
+
+def test_a_finished_runs_config_loads_where_its_folders_are_gone(tmp_path):
+    (tmp_path / "config.yaml").write_text("data:\n  local_dir: /data/moved\n")
+    with pytest.raises(ConfigError, match="data.local_dir must be an existing folder"):
+        load_config(str(tmp_path / "config.yaml"), [])
+    assert load_config(str(tmp_path / "config.yaml"), [], check_paths=False).data.local_dir == "/data/moved"
 
 
 def test_help_documents_every_option():
@@ -58,8 +96,8 @@ def test_help_documents_every_option():
 def test_shipped_configs_parse():
     shipped = sorted((ROOT / "configs").glob("*.yaml"))
     assert shipped, "configs/ holds the paper's protocol"
-    for path in shipped:
-        load_config(str(path), [])
+    for path in shipped:  # parsed, not run: a Stage-II config names the Stage-I folder its first step makes
+        load_config(str(path), [], check_paths=False)
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
         from dtvg_scale.engine import load_ds_config
 

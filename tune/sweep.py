@@ -240,11 +240,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument in its range, and a ``--stage1_dir`` that holds what the trials read, before
+    Ray or Stage I start (a bad one would otherwise fail in every trial, or never be placed)."""
+    cfg = load_config(args.config, args.overrides)
+    for name, low, strict in (("num_samples", 1, False), ("max_concurrent", 1, False), ("cpus_per_trial", 0, True),
+                              ("gpus_per_trial", 0, False), ("ranks_per_trial", 1, False), ("grace_period", 1, False),
+                              ("num_cpus", 1, False)):
+        value = getattr(args, name)
+        if value is not None and (value <= low if strict else value < low):
+            raise ConfigError(f"--{name} must be {'>' if strict else '>='} {low}, got {value}")
+    if Path(args.out).is_file():
+        raise ConfigError(f"--out {args.out} is a file; give a folder (existing or new)")
+    if args.stage1_dir:
+        tasks_needed = [cfg.data.target, *cfg.data.sources]
+        missing = [t for t in tasks_needed if not (Path(args.stage1_dir) / t / "best_prompt.safetensors").is_file()]
+        if missing:
+            raise ConfigError(f"--stage1_dir {args.stage1_dir} has no Stage-I prompt of {', '.join(missing)} (every "
+                              f"task of the run needs <stage1_dir>/<task>/best_prompt.safetensors)")
+    if not args.address:  # a local Ray of --num_cpus (default: every core): can one trial ever be placed?
+        check_trial_fits(args, float(args.num_cpus or os.cpu_count() or 1), "the local Ray (--num_cpus)")
+
+
+def trial_cpus(args: argparse.Namespace) -> float:
+    """CPUs one trial holds: its own, or (several ranks) a 0.1-CPU driver and one CPU per Ray Train worker."""
+    return args.cpus_per_trial if args.ranks_per_trial == 1 else 0.1 + args.ranks_per_trial
+
+
+def check_trial_fits(args: argparse.Namespace, cpus: float, where: str) -> None:
+    if trial_cpus(args) > cpus:
+        raise ConfigError(f"a trial needs {trial_cpus(args):g} CPUs (--ranks_per_trial {args.ranks_per_trial}, "
+                          f"--cpus_per_trial {args.cpus_per_trial:g}) but {where} has {cpus:g}: it could never start; "
+                          f"use fewer ranks per trial or more CPUs")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out).resolve()
     try:  # fail on bad options before Ray or Stage I start
-        load_config(args.config, args.overrides)
+        check_args(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -284,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.address:
             ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+            check_trial_fits(args, ray.cluster_resources().get("CPU", 0.0), f"the Ray cluster at {args.address}")
         else:
             ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
 
@@ -324,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C or slurm's SIGUSR1: Tune saved its state, the same command goes on
         sweep_status = "KILLED"
         raise
+    except ConfigError as err:  # the cluster cannot place a trial
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         sweep_run.finish(sweep_status)
         ray.shutdown()
