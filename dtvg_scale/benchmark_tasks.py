@@ -82,7 +82,9 @@ __all__ = [
     "load_benchmark_task",
     "pad_punctuation",
     "read_official_split",
+    "register_spec",
     "score",
+    "spec_names",
     "task_labels",
 ]
 
@@ -165,6 +167,9 @@ class TaskSpec:
     reported_metric: str
     local_name: str = ""  # defaults to hub_config, else name
     stsb_labels: bool = field(default=False, repr=False)  # labels depend on compat_quirks
+    qa: bool = False  # scored by SQuAD EM/F1, each prediction against all gold answers
+    files: tuple[tuple[str, str], ...] = ()  # a task file's own data: (split, path of a .jsonl or .csv file)
+    defined_in: str = ""  # the task file that defines it (empty: built in)
 
     @property
     def folder(self) -> str:
@@ -303,20 +308,21 @@ _SPECS = [
           _fields(("sentence1:", "sentence1"), ("sentence2:", "sentence2"), ("word:", "word")), _BINARY, _ACC,
           "accuracy"),
     _spec("wsc", "superglue-wsc.fixed", "super_glue", _SUPERGLUE, "wsc.fixed", SMALL, _wsc, _BINARY, _ACC, "accuracy"),
-    _spec("record", "superglue-record", "super_glue", _SUPERGLUE, "record", LARGE, _record, None, _QA_METRICS, "f1"),
+    _spec("record", "superglue-record", "super_glue", _SUPERGLUE, "record", LARGE, _record, None, _QA_METRICS, "f1",
+          qa=True),
     _spec("superglue-rte", "superglue-rte", "super_glue", _SUPERGLUE, "rte", SMALL, _PREMISE, _BINARY, _ACC,
           "accuracy"),
     # MRQA (SQuAD from the SQuAD hub dataset; the other four as DePT loads them)
     _spec("squad", "squad", "mrqa", "rajpurkar/squad", None, LARGE, _qa(lambda r: r["answers"]["text"]), None,
-          _QA_METRICS, "f1"),
+          _QA_METRICS, "f1", qa=True),
     _spec("nq", "nq", "mrqa", "lucadiliello/naturalquestionsshortqa", None, LARGE, _qa(lambda r: r["answers"]), None,
-          _QA_METRICS, "f1"),
+          _QA_METRICS, "f1", qa=True),
     _spec("hotpotqa", "hotpotqa", "mrqa", "lucadiliello/hotpotqa", None, LARGE, _qa(lambda r: r["answers"]), None,
-          _QA_METRICS, "f1"),
+          _QA_METRICS, "f1", qa=True),
     _spec("searchqa", "searchqa", "mrqa", "lucadiliello/searchqa", None, LARGE, _qa(lambda r: r["answers"]), None,
-          _QA_METRICS, "f1"),
+          _QA_METRICS, "f1", qa=True),
     _spec("newsqa", "newsqa", "mrqa", "lucadiliello/newsqa", None, LARGE, _qa(lambda r: r["answers"]), None,
-          _QA_METRICS, "f1"),
+          _QA_METRICS, "f1", qa=True),
     # Others
     _spec("winogrande", "winogrande", "other", "allenai/winogrande", "winogrande_xl", LARGE, _winogrande, _BINARY,
           _ACC, "accuracy", local_name="winogrande"),
@@ -336,6 +342,8 @@ _SPECS = [
 
 TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
 TASK_NAMES: tuple[str, ...] = tuple(TASK_SPECS)
+# tasks defined by the user's task files (dtvg_scale.task_files), registered for this process
+_USER_SPECS: dict[str, TaskSpec] = {}
 
 BENCHMARK_GROUPS: dict[str, tuple[str, ...]] = {
     # the columns of the papers' tables (ATTEMPT/MPT/DePT/DTVG), in their order
@@ -350,11 +358,26 @@ _STSB_LABELS_PAPER = tuple(str(float(np.round(x, 1))) for x in np.arange(0, 5.2,
 
 
 def get_spec(name: str) -> TaskSpec:
-    """The task's spec; an unknown name raises ValueError listing the known ones."""
-    try:
-        return TASK_SPECS[name]
-    except KeyError:
-        raise ValueError(f"unknown benchmark task {name!r}; known tasks: {', '.join(TASK_NAMES)}") from None
+    """The task's spec (built in or from a task file); an unknown name raises ValueError listing the known ones."""
+    spec = TASK_SPECS.get(name) or _USER_SPECS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown benchmark task {name!r}; known tasks: {', '.join(spec_names())}")
+    return spec
+
+
+def spec_names() -> tuple[str, ...]:
+    """The paper's tasks, Rotten Tomatoes, then those of the task files registered here."""
+    return TASK_NAMES + tuple(_USER_SPECS)
+
+
+def register_spec(spec: TaskSpec) -> None:
+    """Make a task file's task known to this process (idempotent for the same definition)."""
+    if spec.name in TASK_SPECS:
+        raise ProtocolError(f"task file {spec.defined_in}: {spec.name!r} is a built-in task; give the task another name")
+    known = _USER_SPECS.get(spec.name)
+    if known is not None and known.defined_in != spec.defined_in:
+        raise ProtocolError(f"task {spec.name!r} is defined twice: in {known.defined_in} and {spec.defined_in}")
+    _USER_SPECS[spec.name] = spec
 
 
 def task_labels(name: str, compat_quirks: bool = True) -> tuple[str, ...] | None:
@@ -388,6 +411,13 @@ def read_official_split(name: str, split: str, local_dir: str | None, purpose: s
     """
     spec = get_spec(name)
     wanted = f"split {split!r}" + (f" (for {purpose})" if purpose else "")
+    if spec.files:  # a task file's own files, wherever they are
+        path = dict(spec.files).get(split)
+        if path is None or not Path(path).is_file():
+            where = f"{path} does not exist" if path else f"its task file {spec.defined_in} names no file for it"
+            raise MissingSplitError(f"task {name!r}: {wanted} not found: {where}. No other data is used in its place.")
+        builder = "csv" if path.endswith(".csv") else "json"
+        return datasets.load_dataset(builder, data_files={split: [path]}, split=split)
     if local_dir is not None:
         files, looked_at = _local_files(spec, split, local_dir)
         if not files:
@@ -415,7 +445,7 @@ def format_rows(name: str, rows: Sequence[dict[str, Any]], *, compat_quirks: boo
     examples = []
     for row in rows:
         for body, target, answers, group in spec.format(row, compat_quirks, is_train):
-            source = f"{spec.prefix} {body}"
+            source = f"{spec.prefix} {body}" if spec.prefix else body  # a task file's template is the whole input
             if decoder_only:
                 source = f"{source}{DECODER_ONLY_SUFFIX}"
             examples.append(BenchmarkExample(source, target, answers, group))
@@ -522,7 +552,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
 def _override_hint(name: str, rule: SplitRule, missing: str, local_dir: str | None) -> str:
     """How to read another split in the missing one's place, explicitly (never done silently)."""
     role = next((r for r in _OVERRIDABLE[rule.kind] if getattr(rule, r) == missing), None)
-    if role is None:
+    if role is None or get_spec(name).files:  # a task file names its files itself
         return ""
     hint = f" To read another official split in its place, say so: data.split_overrides=[{name}.{role}=SPLIT]"
     if local_dir is not None:
@@ -570,7 +600,7 @@ def score(task_name: str, predictions: list[str], examples: list[Example]) -> di
     preds = [p.strip() for p in predictions]
     targets = [e.target.strip() for e in examples]
     values: dict[str, float] = {}
-    if task_name in ("squad", "nq", "hotpotqa", "searchqa", "newsqa", "record"):
+    if spec.qa:
         values.update(metrics.squad_em_f1(preds, [_answers(e) for e in examples]))
     for metric in spec.metric_names:
         if metric in values:
@@ -579,8 +609,9 @@ def score(task_name: str, predictions: list[str], examples: list[Example]) -> di
             values[metric] = metrics.accuracy(preds, targets)
         elif metric == "f1" and task_name == "multirc":
             values[metric] = metrics.multirc_f1(preds, targets)
-        elif metric == "f1":
-            values[metric] = metrics.binary_f1(preds, targets)
+        elif metric == "f1":  # of the second label (built-in tasks: "1"; a task file's: the second it lists)
+            negative, positive = spec.labels if spec.labels and len(spec.labels) == 2 else ("0", "1")
+            values[metric] = metrics.binary_f1(preds, targets, positive=positive, negative=negative)
         elif metric == "em":  # MultiRC: all options of a question right
             groups = [getattr(e, "group", None) for e in examples]
             if any(g is None for g in groups):

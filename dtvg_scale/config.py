@@ -136,6 +136,11 @@ class DataArgs:
     )
     embedded_train_size: int = _help("Training examples per embedded task.", AT_LEAST_1, default=512)
     embedded_eval_size: int = _help("Validation and test examples per embedded task.", AT_LEAST_1, default=128)
+    task_files: list[str] = _help(
+        "YAML files that each define a task (data files or a hub dataset, template, labels or answer field, "
+        "metrics; dtvg_scale/task_files.py), usable as target or source by its name.",
+        default_factory=list,
+    )
     split_overrides: list[str] = _help(
         "Explicit departures from a benchmark task's split protocol, TASK.SPLIT=OFFICIAL_SPLIT, e.g. "
         "[mnli.validation=validation_matched] where validation_mismatched is not at hand; recorded in the run.",

@@ -35,6 +35,7 @@ from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, opt
 from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.strategies import spot_source
+from dtvg_scale.task_files import register_task_files
 from dtvg_scale.tracking import flatten, make_tracker, result_columns
 from dtvg_scale.transfer import target_losses, transfer_gains
 
@@ -54,6 +55,7 @@ class Pipeline:
         self.out = Path(cfg.run.output_dir)
         self.stage1_dir = Path(cfg.run.stage1_dir) if cfg.run.stage1_dir else self.out / "stage1"
         self.dtype = resolve_precision(cfg.model.precision)
+        register_task_files(cfg.data.task_files)  # the user's own tasks, before any name is checked
         task_names = [cfg.data.target, *cfg.data.sources]
         tasks.check_tasks(task_names)
         if cfg.data.target in cfg.data.sources:

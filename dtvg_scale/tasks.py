@@ -22,7 +22,7 @@ class UnknownTaskError(ValueError):
 
 
 def known_tasks() -> tuple[str, ...]:
-    return embedded.EMBEDDED_TASKS + controlled.CONTROLLED_TASKS + benchmark_tasks.TASK_NAMES
+    return embedded.EMBEDDED_TASKS + controlled.CONTROLLED_TASKS + benchmark_tasks.spec_names()
 
 
 def is_embedded(name: str) -> bool:
@@ -47,7 +47,7 @@ def load_task(name: str, data: DataArgs, decoder_only: bool = False, role: str =
     check_tasks([name])
     with_test = role == "target"
     overrides = data.overrides_by_task().get(name, {})
-    if name in benchmark_tasks.TASK_NAMES:
+    if name in benchmark_tasks.spec_names():
         splits = benchmark_tasks.load_benchmark_task(
             name, local_dir=data.local_dir, split_seed=data.split_seed, seed=data.seed,
             k_shot=data.k_shot if role == "target" else None,
@@ -74,14 +74,14 @@ def load_task(name: str, data: DataArgs, decoder_only: bool = False, role: str =
 
 def scorer(name: str) -> Scorer:
     """predictions, examples -> the task's metrics, with "mean" (what model selection maximises)."""
-    if name in benchmark_tasks.TASK_NAMES:
+    if name in benchmark_tasks.spec_names():
         return partial(benchmark_tasks.score, name)
     return accuracy_scorer
 
 
 def reported_metric(name: str) -> str:
     """The metric the paper's tables report for this task."""
-    if name in benchmark_tasks.TASK_NAMES:
+    if name in benchmark_tasks.spec_names():
         return benchmark_tasks.get_spec(name).reported_metric
     return "accuracy"
 

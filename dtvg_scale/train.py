@@ -45,6 +45,7 @@ from dtvg_scale.distributed import barrier, init_distributed, shutdown_distribut
 from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
 from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
+from dtvg_scale.task_files import TaskFileError, register_task_files  # noqa: E402
 from dtvg_scale.tasks import UnknownTaskError, task_relation  # noqa: E402
 from dtvg_scale.tracking import flatten, make_tracker  # noqa: E402
 
@@ -53,7 +54,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 # Mistakes of the user's, reported as one line instead of a traceback.
 USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError, MissingSplitError,
-               ProtocolError)
+               ProtocolError, TaskFileError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +132,8 @@ def _main(argv: list[str] | None = None) -> int:
     try:  # 1) everything that can be checked before a process group or a model exists
         cfg = load_config(args.config, args.overrides)
         raw_ds_config = load_ds_config(args.ds_config) if args.ds_config else {"zero_optimization": {"stage": 0}}
-    except ConfigError as err:
+        register_task_files(cfg.data.task_files)
+    except (ConfigError, TaskFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 
 from dtvg_scale.config import ConfigError, load_config  # noqa: E402
+from dtvg_scale.task_files import TaskFileError, register_task_files  # noqa: E402
 from dtvg_scale.tracking import EXPERIMENT_KIND_TAG, PARENT_TAG, TRAINING_KIND, MLflowTracker  # noqa: E402
 
 KC_ONLY, NO_CAP = "kc_only", "none"  # categorical stand-ins for null (the authors' rule / no cap)
@@ -244,6 +245,10 @@ def check_args(args: argparse.Namespace) -> None:
     """Every argument in its range, and a ``--stage1_dir`` that holds what the trials read, before
     Ray or Stage I start (a bad one would otherwise fail in every trial, or never be placed)."""
     cfg = load_config(args.config, args.overrides)
+    try:
+        register_task_files(cfg.data.task_files)
+    except TaskFileError as err:
+        raise ConfigError(str(err)) from err
     for name, low, strict in (("num_samples", 1, False), ("max_concurrent", 1, False), ("cpus_per_trial", 0, True),
                               ("gpus_per_trial", 0, False), ("ranks_per_trial", 1, False), ("grace_period", 1, False),
                               ("num_cpus", 1, False)):
