@@ -11,16 +11,24 @@ anything else is refused at save time, so an unreadable checkpoint is never writ
 
 Files keep the names DeepSpeed gives them (``*.pt``) because DeepSpeed looks them up by name;
 their content is safetensors. Every file is written to a temporary name and renamed, so a run
-killed mid-save leaves no half-written file, and DeepSpeed's ``latest`` tag still names the
-previous complete checkpoint.
+killed mid-save leaves no half-written file.
+
+A checkpoint tag is trusted only when complete on every rank: after every rank has written its
+files, rank 0 writes ``<tag>/manifest.json`` with each file's size and sha256 (DeepSpeed's own
+``latest`` is written by rank 0 alone, possibly before another rank has finished). A resume takes
+the newest tag whose manifest is there and whose files all match it (``trusted_tag``); a tag
+killed during its save, a file cut short, flipped bytes or a missing rank file are each named in
+one line, and the run falls back to the previous complete tag.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import importlib
 import json
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -119,6 +127,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
+    except Exception as err:
+        # safetensors reports a failed write (a full disk, a file-size limit) as SafetensorError
+        # "... (os error N)": raise it as the OSError it is, naming the file
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None or isinstance(err, OSError):
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -146,12 +161,14 @@ class SafetensorsCheckpointEngine(CheckpointEngine):
     def __init__(self, config_params: Any = None) -> None:
         super().__init__(config_params)
         self.name = "SafetensorsCheckpointEngine"
+        self.written: list[str] = []  # this rank's files since the caller last cleared it (the manifest's)
 
     def create(self, info: CheckpointCommitInfo) -> None:
         pass
 
     def save(self, state_dict: Any, path: str) -> None:
         save_state(state_dict, path)
+        self.written.append(path)
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return load_state(path, map_location)
@@ -174,3 +191,75 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         meta = {k: json.loads(v) for k, v in (handle.metadata() or {}).items()}
         return {key: handle.get_tensor(key) for key in handle.keys()}, meta
+
+
+# ---------------------------------------------------------------- complete checkpoints
+
+MANIFEST = "manifest.json"
+DAMAGED_PREFIX = "damaged-"
+
+
+def file_record(path: str | os.PathLike, tag_dir: Path) -> dict[str, Any]:
+    """What the manifest keeps of one written file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": str(Path(path).resolve().relative_to(tag_dir.resolve())), "bytes": os.path.getsize(path),
+            "sha256": digest.hexdigest()}
+
+
+def write_manifest(tag_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Mark ``tag_dir`` complete: every rank's files are in ``records`` (call it once all have written)."""
+    tmp = tag_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"files": sorted(records, key=lambda r: r["file"])}, indent=1) + "\n")
+    os.replace(tmp, tag_dir / MANIFEST)
+
+
+def tag_problem(tag_dir: Path) -> str | None:
+    """None if every file of the tag's manifest is there with its size and hash; else what is
+    wrong, naming the file."""
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():
+        return f"{tag_dir} is incomplete (no {MANIFEST}: the run stopped during this save)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"{manifest} is unreadable ({type(err).__name__})"
+    for record in files:
+        path = tag_dir / record["file"]
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"{path} has {size} bytes, its save wrote {record['bytes']} (cut short or overwritten)"
+        if file_record(path, tag_dir)["sha256"] != record["sha256"]:
+            return f"{path} does not match the hash its save recorded (damaged)"
+    return None
+
+
+def checkpoint_tags(checkpoint_dir: Path) -> list[Path]:
+    """The ``step<N>`` tag folders, oldest first."""
+    tags = [p for p in checkpoint_dir.glob("step*") if p.is_dir() and p.name.removeprefix("step").isdigit()]
+    return sorted(tags, key=lambda p: int(p.name.removeprefix("step")))
+
+
+def trusted_tag(checkpoint_dir: Path) -> tuple[str | None, list[str]]:
+    """(the newest complete tag or None, what is wrong with each newer one, newest first)."""
+    problems = []
+    for tag in reversed(checkpoint_tags(checkpoint_dir)):
+        problem = tag_problem(tag)
+        if problem is None:
+            return tag.name, problems
+        problems.append(problem)
+    return None, problems
+
+
+def set_aside(checkpoint_dir: Path, tag: str) -> None:
+    """Keep a damaged tag for inspection, out of the way of the run's own tags."""
+    target = checkpoint_dir / f"{DAMAGED_PREFIX}{tag}"
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(checkpoint_dir / tag, target)

@@ -278,7 +278,9 @@ class RunArgs:
                                    Range(path="folder"), default=None)
     seed: int = _help("Seed of dropout and other randomness in training.", AT_LEAST_0, default=0)
     resume: bool = _help("Continue from the latest checkpoint of each run found in output_dir.", default=True)
-    keep_checkpoints: int = _help("Checkpoints kept per run (older ones are deleted).", AT_LEAST_1, default=1)
+    keep_checkpoints: int = _help(
+        "Checkpoints kept per run (older ones are deleted); with 2 or more a damaged newest one falls back to the "
+        "previous.", AT_LEAST_1, default=2)
     zero_shot: bool = _help(
         "Also score the target with no soft prompt at all (the task's template alone) on validation and test: "
         "the backbone's zero-shot score, in results.json and <output_dir>/zero_shot/.",

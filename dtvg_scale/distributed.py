@@ -114,6 +114,28 @@ def all_ranks_equal(tensor: torch.Tensor) -> bool:
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
 
 
+def from_main(value):
+    """Rank 0's ``value`` on every rank (a picklable object; one broadcast)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(value) -> list | None:
+    """Every rank's ``value``, in rank order, on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def on_main_then_all(fn):
     """Run ``fn`` on rank 0 first (it may build files the others then read), then on the other
     ranks. If rank 0 fails, every rank raises the same error instead of the others waiting

@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,10 +33,11 @@ from torch import Tensor, nn
 from transformers import get_linear_schedule_with_warmup
 
 from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
-from dtvg_scale.checkpoint import SafetensorsCheckpointEngine, save_tensors
+from dtvg_scale.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
+                                   trusted_tag, write_manifest)
 from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
-from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier
+from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
 from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
 from dtvg_scale.grouping import GroupDecision
 from dtvg_scale.progress import Progress
@@ -232,7 +234,7 @@ class RunSpec:
     scorer: Scorer = accuracy_scorer  # predictions -> metrics; the best prompt maximises "mean"
     reported_metric: str = "accuracy"
     source_names: tuple[str, ...] = ()
-    keep_checkpoints: int = 1
+    keep_checkpoints: int = 2
     resume: bool = True
     check_rank_agreement: bool = False
     progress: bool = True
@@ -344,32 +346,53 @@ class PromptRun:
 
     def _save_checkpoint(self, step: int) -> None:
         tag = f"step{step}"
+        tag_dir = self.checkpoint_dir / tag
         client_state = {"step": step, "best_score": self.best_score, "best_scores": self.best_scores,
                         "best_step": self.best_step, "best_prompt": self.best_prompt, "best_group": self.best_group}
-        try:
+        writer = self.engine.checkpoint_engine
+        writer.written.clear()
+        try:  # save_latest=False: a tag is trusted by its manifest, written below once every rank has written
             self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state,
-                                        exclude_frozen_parameters=True)
+                                        exclude_frozen_parameters=True, save_latest=False)
+            records = gather_to_main([file_record(path, tag_dir) for path in writer.written])
+            if self.ctx.is_main:
+                write_manifest(tag_dir, [record for rank in records for record in rank])
         except BaseException:
             if self.ctx.is_main:  # never leave a half-written checkpoint behind
-                shutil.rmtree(self.checkpoint_dir / tag, ignore_errors=True)
+                shutil.rmtree(tag_dir, ignore_errors=True)
             raise
         barrier()
         if self.ctx.is_main:
-            # DeepSpeed copies its zero_to_fp32.py beside ZeRO-3 checkpoints; it reads pickle files and
-            # would fail on ours (safetensors), and the frozen backbone is not in them anyway: the
-            # trained prompt is best_prompt/last_prompt.safetensors
-            (self.checkpoint_dir / "zero_to_fp32.py").unlink(missing_ok=True)
-            tags = sorted((p for p in self.checkpoint_dir.glob("step*") if p.is_dir()),
-                          key=lambda p: int(p.name.removeprefix("step")))
-            for old in tags[: -self.spec.keep_checkpoints]:
+            # DeepSpeed copies its zero_to_fp32.py / zero_to_torch.py beside ZeRO checkpoints; they read
+            # pickle files and would fail on ours (safetensors), and the frozen backbone is not in them
+            # anyway: the trained prompt is best_prompt/last_prompt.safetensors
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (self.checkpoint_dir / script).unlink(missing_ok=True)
+            for old in checkpoint_tags(self.checkpoint_dir)[: -self.spec.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
 
     def _try_resume(self) -> int:
-        if not (self.spec.resume and (self.checkpoint_dir / "latest").is_file()):
+        """Resume from the newest complete checkpoint (``checkpoint.trusted_tag``); a newer one that is
+        incomplete or damaged is named, set aside and skipped; none complete while some exist stops the run."""
+        if not (self.spec.resume and self.checkpoint_dir.is_dir()):
             return 0
-        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), load_module_strict=False)
+        tag, problems = from_main(trusted_tag(self.checkpoint_dir) if self.ctx.is_main else None)
+        if tag is None and not problems:
+            return 0
+        if tag is None:
+            raise TrainingError(f"{self.spec.name}: no complete checkpoint to resume from: {'; '.join(problems)}. "
+                                f"Move {self.checkpoint_dir} away to start this run over")
+        if self.ctx.is_main:
+            for problem in problems:
+                print(f"warning: {self.spec.name}: {problem}; resuming from {tag}, the newest complete checkpoint",
+                      file=sys.stderr, flush=True)
+            for damaged in checkpoint_tags(self.checkpoint_dir):
+                if int(damaged.name.removeprefix("step")) > int(tag.removeprefix("step")):
+                    set_aside(self.checkpoint_dir, damaged.name)
+        barrier()
+        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag, load_module_strict=False)
         if client_state is None:
-            raise TrainingError(f"checkpoint in {self.checkpoint_dir} could not be loaded")
+            raise TrainingError(f"checkpoint {self.checkpoint_dir / tag} could not be loaded")
         step = int(client_state["step"])
         self.best_score, self.best_step = client_state["best_score"], client_state["best_step"]
         self.best_scores = dict(client_state["best_scores"])

@@ -29,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(_here).parent))
 
 import argparse
+import errno
 import json
 import warnings
 from typing import Any
@@ -51,6 +52,9 @@ from dtvg_scale.tracking import flatten, make_tracker  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+# A write that failed for want of space (a full disk, a quota, a file-size limit): one line, then resume.
+NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
 # Mistakes of the user's, reported as one line instead of a traceback.
 USER_ERRORS = (ConfigError, BackboneError, StageError, TrainingError, UnknownTaskError, MissingSplitError,
@@ -178,6 +182,13 @@ def _main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if ctx.is_main:
             print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        # on the rank that failed to write (another rank may not know): its last complete checkpoint is intact
+        print(f"error: no space to write {err.filename or 'a file'} ({err.strerror}); this run's checkpoints before "
+              f"it are intact: free space and run the same command again to continue", file=sys.stderr, flush=True)
         return 1
     finally:
         job.finish(job_status)

@@ -2,8 +2,10 @@
 early, and leaves nothing half-written; every shipped DeepSpeed config trains."""
 
 import json
-import socket
 import os
+import resource
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -167,6 +169,77 @@ def test_zero2_resume_matches_an_uninterrupted_run(tmp_path):
 
     assert torch.equal(load_tensors(a / "last_prompt.safetensors")[0]["prompt"],
                        load_tensors(b / "last_prompt.safetensors")[0]["prompt"])
+
+
+def damage(tag_dir: Path, how: str) -> str:
+    """Damage one checkpoint tag as a crash, a full disk or a bad disk would; returns the file."""
+    if how == "killed during the save":
+        (tag_dir / "manifest.json").unlink()
+        return str(tag_dir)
+    (optimizer,) = tag_dir.glob("*optim_states.pt")
+    (model,) = tag_dir.glob("*model_states.pt")
+    if how == "flipped bytes":
+        data = bytearray(model.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        model.write_bytes(bytes(data))
+        return str(model)
+    if how == "cut short":
+        optimizer.write_bytes(optimizer.read_bytes()[:-100])
+        return str(optimizer)
+    optimizer.unlink()  # a rank's file missing
+    return str(optimizer)
+
+
+def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_previous_one(tmp_path):
+    """ZeRO-2 (a model file and a rank's optimizer file per tag), a checkpoint every 2 steps, the
+    newest two kept. A run stopped after step 5 has step3 and step5; step5 is then damaged in
+    each way. The run started again names the file, resumes from step3 and ends exactly as a run
+    never stopped. With both tags damaged it stops with one line."""
+    import shutil
+
+    common = ["--ds_config", "ds_configs/zero2.json", *QUICK, "run.stages=stage1", "data.sources=[]",
+              "stage1.steps=8", "stage1.eval_every=2"]
+    assert train(*common, f"run.output_dir={tmp_path / 'straight'}").returncode == 0
+    stopped = train(*common, f"run.output_dir={tmp_path / 'stopped'}", "run.stop_after=6")
+    assert stopped.returncode == 0 and "stopped after step 5" in stopped.stdout
+    checkpoints = Path("stage1") / "emb_target" / "checkpoints"
+    assert sorted(p.name for p in (tmp_path / "stopped" / checkpoints).iterdir()) == ["step3", "step5"]
+    expected = (tmp_path / "straight" / "stage1" / "emb_target" / "metrics.jsonl").read_text()
+    for how in ("killed during the save", "flipped bytes", "cut short", "a rank file missing"):
+        out = tmp_path / how.replace(" ", "_")
+        shutil.copytree(tmp_path / "stopped", out)
+        named = damage(out / checkpoints / "step5", how)
+        result = train(*common, f"run.output_dir={out}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert named in warning and "resuming from step3" in warning, (how, warning)
+        assert (out / "stage1" / "emb_target" / "metrics.jsonl").read_text() == expected, how
+        assert (out / checkpoints / "damaged-step5").is_dir()  # kept aside for a look
+    # a full disk during a save (a file-size limit below the optimizer file's 8 KB): one line, the
+    # checkpoint before it intact, and the same command with space back ends as if never stopped
+    out = tmp_path / "full_disk"
+    shutil.copytree(tmp_path / "stopped", out)
+
+    def little_space() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (7500, 7500))
+
+    full = subprocess.run([sys.executable, "dtvg_scale/train.py", *common, f"run.output_dir={out}"], cwd=ROOT,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300,
+                          preexec_fn=little_space)
+    assert_one_clear_error(full, "error: no space to write ")
+    assert "step7" in full.stderr and "run the same command again" in full.stderr and full.stderr.count("\n") == 1
+    assert sorted(p.name for p in (out / checkpoints).iterdir()) == ["step3", "step5"]  # nothing half-written
+    assert train(*common, f"run.output_dir={out}").returncode == 0
+    assert (out / "stage1" / "emb_target" / "metrics.jsonl").read_text() == expected
+
+    out = tmp_path / "both"
+    shutil.copytree(tmp_path / "stopped", out)
+    newest = damage(out / checkpoints / "step5", "flipped bytes")
+    previous = damage(out / checkpoints / "step3", "cut short")
+    result = train(*common, f"run.output_dir={out}")
+    assert_one_clear_error(result, "no complete checkpoint to resume from: ")
+    assert newest in result.stderr and previous in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_stage1_quality_gate_retrains_then_excludes_a_weak_source(tmp_path):

@@ -132,11 +132,15 @@ def test_resume_gives_the_same_prompt_as_an_uninterrupted_run(tmp_path):
     for name in ("best_prompt.safetensors", "last_prompt.safetensors"):
         assert torch.equal(load_tensors(run_a / name)[0]["prompt"], load_tensors(run_b / name)[0]["prompt"])
     assert json.loads((run_a / "result.json").read_text()) == json.loads((run_b / "result.json").read_text())
-    # checkpoints are safetensors files, only the newest kept
+    # checkpoints are safetensors files, the newest two kept, each with the manifest of both ranks' files
     tags = sorted(p.name for p in (run_b / "checkpoints").iterdir() if p.is_dir())
-    assert tags == ["step19"]
+    assert tags == ["step14", "step19"]
     assert not (run_b / "checkpoints" / "zero_to_fp32.py").exists()  # DeepSpeed's pickle reader: useless here
-    for file in (run_b / "checkpoints" / "step19").iterdir():
+    manifest = json.loads((run_b / "checkpoints" / "step19" / "manifest.json").read_text())
+    written = sorted(p.name for p in (run_b / "checkpoints" / "step19").iterdir() if p.name != "manifest.json")
+    assert [r["file"] for r in manifest["files"]] == written and any("rank_1" in name for name in written)
+    for name in written:
+        file = run_b / "checkpoints" / "step19" / name
         assert file.read_bytes()[:8] != b"PK\x03\x04"  # not a torch zip/pickle
         load_tensors(file)
 
