@@ -99,9 +99,3 @@ def test_task_files_train_as_target_and_as_source(tmp_path):
     data = json.loads((out / "data.json").read_text())
     assert data["movie_reviews"]["examples"] == {"train": 64, "validation": 16, "test": 16}
     assert data["paraphrases"]["role"] == "source"
-
-
-def test_a_missing_task_file_stops_train_py_before_anything(tmp_path):
-    result = run(f"run.output_dir={tmp_path / 'run'}", "data.task_files=[no/such/task.yaml]", "data.target=x")
-    assert result.returncode == 2 and result.stderr == "error: task file not found: no/such/task.yaml\n", result.stderr
-    assert not (tmp_path / "run").exists()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 DEEPSPEED = str(VENV / "bin" / "deepspeed")
 ARGS = ["data.sources=[]", "run.stages=stage1", "data.embedded_train_size=128", "data.embedded_eval_size=16",
-        "stage1.steps=40", "stage1.eval_every=5", "stage1.batch_size=16", "data.max_target_length=4",
+        "stage1.steps=30", "stage1.eval_every=5", "stage1.batch_size=16", "data.max_target_length=4",
         "run.progress=false", "run.tracking=false", "run.check_rank_agreement=true"]
 RUN = Path("stage1") / "emb_target"
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -70,16 +70,14 @@ def prompts(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_two_nodes_train_like_one_launcher_and_survive_a_lost_node(tmp_path):
-    two = tmp_path / "two_nodes"
-    finish(start_nodes(node_commands(tmp_path, two)))
+    """A one-launcher run, then the two nodes: node 1 is killed once training runs, node 0 stops,
+    both started again resume and end with the one-launcher run's prompts and metrics (resuming
+    is exact, tests/test_distributed.py, so this is also an uninterrupted two-node run's)."""
     one = tmp_path / "one_launcher"
     single = subprocess.run([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "dtvg_scale/train.py",
                              "--ds_config", "ds_configs/zero3.json", *ARGS, f"run.output_dir={one}"],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
-    for a, b in zip(prompts(two), prompts(one)):
-        assert torch.equal(a, b)  # the same two ranks, whichever launcher started them
-    assert (two / RUN / "metrics.jsonl").read_text() == (one / RUN / "metrics.jsonl").read_text()
 
     # node 1 dies (its launcher and its rank, as when slurm loses the node) once training runs
     killed = tmp_path / "killed"
@@ -95,6 +93,8 @@ def test_two_nodes_train_like_one_launcher_and_survive_a_lost_node(tmp_path):
     nodes[1].communicate(timeout=30)
     assert not (killed / RUN / "result.json").exists()
 
-    finish(start_nodes(node_commands(tmp_path, killed)))  # both again: resumes from the last complete checkpoint
+    outputs = finish(start_nodes(node_commands(tmp_path, killed)))  # both again: from the last complete checkpoint
+    assert "Outputs:" in outputs[0]
     for a, b in zip(prompts(killed), prompts(one)):
-        assert torch.equal(a, b)
+        assert torch.equal(a, b)  # the same two ranks, whichever launchers started them
+    assert (killed / RUN / "metrics.jsonl").read_text() == (one / RUN / "metrics.jsonl").read_text()
