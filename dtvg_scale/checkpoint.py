@@ -29,6 +29,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -199,14 +200,18 @@ MANIFEST = "manifest.json"
 DAMAGED_PREFIX = "damaged-"
 
 
-def file_record(path: str | os.PathLike, tag_dir: Path) -> dict[str, Any]:
-    """What the manifest keeps of one written file."""
+def _sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(path: str | os.PathLike, tag_dir: Path) -> dict[str, Any]:
+    """What the manifest keeps of one written file."""
     return {"file": str(Path(path).resolve().relative_to(tag_dir.resolve())), "bytes": os.path.getsize(path),
-            "sha256": digest.hexdigest()}
+            "sha256": _sha256(path)}
 
 
 def write_manifest(tag_dir: Path, records: list[dict[str, Any]]) -> None:
@@ -233,7 +238,7 @@ def tag_problem(tag_dir: Path) -> str | None:
         size = path.stat().st_size
         if size != record["bytes"]:
             return f"{path} has {size} bytes, its save wrote {record['bytes']} (cut short or overwritten)"
-        if file_record(path, tag_dir)["sha256"] != record["sha256"]:
+        if _sha256(path) != record["sha256"]:
             return f"{path} does not match the hash its save recorded (damaged)"
     return None
 
@@ -259,7 +264,5 @@ def set_aside(checkpoint_dir: Path, tag: str) -> None:
     """Keep a damaged tag for inspection, out of the way of the run's own tags."""
     target = checkpoint_dir / f"{DAMAGED_PREFIX}{tag}"
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(checkpoint_dir / tag, target)

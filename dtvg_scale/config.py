@@ -185,9 +185,6 @@ class LoopArgs:
     eval_batch_size: int = _help("Examples per rank per generation batch.", AT_LEAST_1, default=64)
     log_every: int = _help("Write metrics and the group trace every this-many steps.", AT_LEAST_1, default=10)
 
-    def __post_init__(self) -> None:
-        pass  # ranges: Range metadata, checked by build_config with the section's name
-
 
 @dataclass
 class Stage1Args(LoopArgs):
@@ -251,7 +248,6 @@ class Stage2Args(LoopArgs):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         from dtvg_scale.variants import PRESETS, VARIANT_KNOBS
 
         if self.preset not in PRESETS:
