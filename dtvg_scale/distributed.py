@@ -9,8 +9,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import glob
+import hashlib
+import importlib.util
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -28,11 +32,68 @@ def prepare_environment() -> None:
     lone process a world of one (deepspeed otherwise tries MPI discovery)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        clear_stale_build_lock(use_own_extension_dir())
     if "RANK" not in os.environ:
         os.environ.update(
             {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         )
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+# On the CPU, DeepSpeed compiles a shared-memory all-reduce op (deepspeed_shm_comm, ~30 s) the
+# first time a process group starts, under a lock file that torch waits on forever. A build
+# killed midway (a cancelled job, a test's timeout) leaves the lock behind and every later launch
+# hung at start (seen: a whole CI run). A load of an op already built holds the lock for well
+# under a second, so a lock this old has no live owner.
+STALE_BUILD_LOCK_SECONDS = 180
+SHM_OP_NAME = "deepspeed_shm_comm"
+
+
+def use_own_extension_dir() -> str:
+    """Give compiled ops a folder per (Python, torch, deepspeed) install, unless
+    ``$TORCH_EXTENSIONS_DIR`` says otherwise. torch's default folder is shared by every virtual
+    environment of the user, and its build file names the environment's include paths, so two
+    environments used in turn rebuilt the op each time, and one's killed build blocked the other."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ:
+        from dtvg_scale.gguf_backbone import cache_root
+
+        deepspeed_spec = importlib.util.find_spec("deepspeed")
+        install = "|".join([sys.version, torch.__file__, torch.__version__, str(deepspeed_spec and deepspeed_spec.origin)])
+        key = hashlib.sha256(install.encode()).hexdigest()[:16]
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(cache_root() / "torch_extensions" / key)
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+def clear_stale_build_lock(extensions_dir: str, stale_after: float = STALE_BUILD_LOCK_SECONDS) -> bool:
+    """Wait while another process builds the shm op; remove its lock once it is older than
+    ``stale_after`` seconds (its builder is gone), saying so in one line. True if one was removed."""
+    lock = os.path.join(extensions_dir, SHM_OP_NAME, "lock")
+    while True:
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            return False
+        if age > stale_after:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+                print(f"warning: removed {lock}, a build lock {age:.0f} s old whose build was killed "
+                      "(it would have hung this launch)", file=sys.stderr, flush=True)
+            return True
+        time.sleep(min(1.0, stale_after - age + 0.01))
+
+
+def build_cpu_ops() -> None:
+    """Compile DeepSpeed's CPU shm op now, in one process (setup.sh), rather than in the first
+    launch's ranks."""
+    prepare_environment()
+    if os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible(verbose=False):
+        builder.load(verbose=False)
 
 
 @dataclass(frozen=True)

@@ -152,3 +152,41 @@ def test_bad_stage1_vectors_stop_with_one_message(tmp_path):
     assert result.returncode != 0
     assert "no Stage-I prompt for task 'emb_target'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_is_waited_for(tmp_path, capsys):
+    """DeepSpeed's CPU op build holds a lock that torch waits on forever; one left by a killed
+    build hung every later launch (a whole CI run)."""
+    import threading
+    import time
+
+    from dtvg_scale.distributed import SHM_OP_NAME, clear_stale_build_lock
+
+    lock = tmp_path / SHM_OP_NAME / "lock"
+    assert clear_stale_build_lock(str(tmp_path)) is False  # no build folder yet: nothing to do
+
+    lock.parent.mkdir()
+    lock.touch()
+    stale = time.time() - 600
+    os.utime(lock, (stale, stale))
+    assert clear_stale_build_lock(str(tmp_path), stale_after=180) is True
+    assert not lock.exists()
+    assert str(lock) in capsys.readouterr().err
+
+    lock.touch()  # a live build: its owner removes the lock when done, and we wait for that
+    threading.Timer(0.5, lock.unlink).start()
+    started = time.monotonic()
+    assert clear_stale_build_lock(str(tmp_path), stale_after=180) is False
+    assert 0.4 < time.monotonic() - started < 5
+    assert capsys.readouterr().err == ""
+
+
+def test_each_install_compiles_its_ops_in_its_own_folder(monkeypatch):
+    from dtvg_scale.distributed import use_own_extension_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("DTVG_SCALE_CACHE", "/somewhere")
+    own = use_own_extension_dir()
+    assert own.startswith("/somewhere/torch_extensions/") and os.environ["TORCH_EXTENSIONS_DIR"] == own
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/chosen/by/the/user")
+    assert use_own_extension_dir() == "/chosen/by/the/user"
