@@ -79,7 +79,7 @@ def sweep(mlflow_server, tmp_path_factory):
 
 def test_every_trial_is_a_finished_mlflow_run_with_params_metrics_and_heatmap(mlflow_server, sweep):
     _, best = sweep
-    assert best["trials"] == 4 and best["errors"] == []
+    assert best["trials"] == 4 and best["failed_trials"] == 0
     experiment = _api(mlflow_server, "experiments/get-by-name?experiment_name=test-sweep")["experiment"]
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in experiment["tags"]
     everything = _api(mlflow_server, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]

@@ -20,6 +20,12 @@ and its validation score and values are on the sweep's run; the best trial's
 complete config is written to ``<out>/best_config.yaml``, ready for
 ``train.py --config <out>/best_config.yaml``.
 
+Faults: a crashed trial does not stop the sweep (its MLflow run ends FAILED; ``best.json`` lists
+every trial with its status, score, Ray node and error). A sweep whose driver died (``kill -9``,
+a time limit) continues when the same command is started again (Tune's restore): finished and
+crashed trials stay as they were, trials cut off run again, and the runs the dead driver had
+opened for them end KILLED.
+
 Trials of one rank run in the Tune worker process itself (a process group of one);
 ``--ranks_per_trial N`` runs each trial on N ranks through Ray Train's TorchTrainer (Train V2: a
 driver function per trial) with DeepSpeed inside.
@@ -127,8 +133,12 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     cfg = load_config(settings["config"], overrides)
     ctx = init_distributed()
 
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()  # which Ray node ran the trial (best.json lists it)
+
     def report(step: int, scores: dict[str, float]) -> None:
-        metrics = {"validation_mean": scores["mean"], "step": step,
+        metrics = {"validation_mean": scores["mean"], "step": step, "node": node,
                    **{f"validation_{k}": v for k, v in scores.items() if k != "mean"}}
         if one_rank:
             tune.report(metrics)
@@ -188,6 +198,39 @@ def tag_best(tracking_uri: str, experiment: str, best_trial_id: str) -> None:
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     for run in client.search_runs([experiment_id], filter_string=f"tags.trial_name LIKE '%({best_trial_id})'"):
         client.set_tag(run.info.run_id, "best_trial", "true")
+
+
+def end_orphan_runs(tracking_uri: str, experiment: str, out: Path, sweep_run_id: str | None) -> list[str]:
+    """Trial runs of this sweep still RUNNING once every trial is over were started by a sweep
+    that was killed (``kill -9``, a lost head node): their trials ran again, so end them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.sweep = '{out}'"):
+        if run.info.run_id != sweep_run_id:
+            client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.info.run_name)
+    return ended
+
+
+def trial_summaries(results) -> list[dict[str, Any]]:
+    """One line per trial for best.json: its name, how it ended, its last score, the Ray node that
+    ran it, and for a crashed trial the last line of its error."""
+    summaries = []
+    for result in results:
+        trial_id = Path(result.path).name.removeprefix("dtvg_trial_")
+        # a trial that crashed before its first report has no config in its result; Tune's
+        # params.json in the trial folder has it from the start
+        config = result.config or json.loads((Path(result.path) / "params.json").read_text())
+        summary = {"trial": trial_name(config, trial_id), "status": "ERROR" if result.error else "TERMINATED",
+                   "validation_mean": (result.metrics or {}).get("validation_mean"),
+                   "node": (result.metrics or {}).get("node")}
+        if result.error:
+            summary["error"] = (str(result.error).strip().splitlines() or [type(result.error).__name__])[-1]
+        summaries.append(summary)
+    return summaries
 
 
 def new_tuner(trainable, args: argparse.Namespace, experiment: str, out: Path, tracking_uri: str,
@@ -337,23 +380,36 @@ def main(argv: list[str] | None = None) -> int:
         experiment_path = out / "ray" / experiment
         if tune.Tuner.can_restore(str(experiment_path)):  # a sweep stopped earlier (time limit): go on
             print(f"Resuming the sweep in {experiment_path}", flush=True)
-            tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)
+            # unfinished trials start again; a crashed one stays crashed (it is in the summary)
+            tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=False)
         else:
             tuner = new_tuner(trainable, args, experiment, out, tracking_uri, sweep_run.run_id)
         # slurm's warning before the time limit: stop the way Ctrl-C does (Tune saves its state)
         signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         results = tuner.fit()
-        best = results.get_best_result(metric="validation_mean", mode="max", scope="all")
+        trials = trial_summaries(results)
+        failed = [t for t in trials if t["status"] == "ERROR"]
+        for trial in failed:
+            print(f"trial failed: {trial['trial']}: {trial['error']}", file=sys.stderr)
+        for name in end_orphan_runs(tracking_uri, experiment, out, sweep_run.run_id):
+            print(f"MLflow run {name!r} of a killed sweep ended KILLED (its trial ran again)", file=sys.stderr)
+        summary = {"tracking_uri": tracking_uri, "experiment": experiment, "trials": len(results),
+                   "failed_trials": len(failed), "trial_list": trials}
+        if len(failed) == len(trials):
+            (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            print(f"error: every trial failed (the first: {failed[0]['error']}); see {out / 'best.json'}",
+                  file=sys.stderr)
+            return 1
+        best = results.get_best_result(metric="validation_mean", mode="max", scope="all", filter_nan_and_inf=True)
         tag_best(tracking_uri, experiment, best.metrics["trial_id"])
         best_run = Path(best.path) / "run"
         best_config = yaml.safe_load((best_run / "config.yaml").read_text())
         (out / "best_config.yaml").write_text(yaml.safe_dump(best_config, sort_keys=False))
         summary = {"best_validation_mean": best.metrics["validation_mean"], "best_trial": Path(best.path).name,
-                   "best_values": best.config, "tracking_uri": tracking_uri, "experiment": experiment,
-                   "trials": len(results), "errors": [str(e) for e in results.errors]}
+                   "best_values": best.config, **summary}
         (out / "best.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         sweep_run.log_metrics({"validation_mean": best.metrics["validation_mean"], "trials": len(results),  # the best
-                               "failed_trials": len(results.errors)}, step=0)
+                               "failed_trials": len(failed)}, step=0)
         sweep_run.set_tags({"best_trial": trial_name(best.config, best.metrics["trial_id"])})
         sweep_run.log_artifact(out / "best_config.yaml")
         print(json.dumps(summary, indent=2, default=str))

@@ -1,0 +1,149 @@
+"""The Ray side of slurm/tune.sbatch, for real, on one machine, under faults: the head and worker
+commands its dry run prints become a two-node Ray cluster here ("localhost" and "127.0.0.1", one
+CPU each), the sweep attaches with `--address auto`, one trial's worker is killed (a crashed
+trial), then the sweep's driver is killed with `kill -9`; the same command started again
+continues where it stopped. Trials ran on both nodes, the crash is listed, no MLflow run is left
+RUNNING, and trials that had finished were not run again."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_slurm import TUNE, dry_run, node_commands
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+TRIAL = ["data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
+         "stage1.steps=6", "stage1.eval_every=3", "stage2.steps=40", "stage2.eval_every=10",
+         "data.max_target_length=4", "run.tracking=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, what: str, timeout: float = 300, every: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(every)
+    return value
+
+
+def training_trial_workers(seen: dict[int, float], for_at_least: float = 3.0) -> list[int]:
+    """PIDs of Tune's trial processes that have been in a trial's function for a few seconds (Ray
+    titles the process ``ray::ImplicitFunc.train`` while the function runs, ~15 s here); ``seen``
+    keeps when each was first seen so."""
+    found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc.train"], capture_output=True, text=True).stdout
+    now = time.monotonic()
+    return [int(pid) for pid in found.split() if now - seen.setdefault(int(pid), now) >= for_at_least]
+
+
+def finished_trials(experiment_dir: Path) -> dict[str, str]:
+    """Trials (folder names) whose Stage II wrote its result, with that result."""
+    return {path.parents[3].name: path.read_text()
+            for path in experiment_dir.glob("dtvg_trial_*/run/stage2/dtvg/result.json")}
+
+
+def saved_trials(experiment_dir: Path) -> dict[str, str]:
+    """Trial id -> status in Tune's newest saved experiment state (what a restore starts from)."""
+    states = sorted(experiment_dir.glob("experiment_state-*.json"))
+    try:
+        trial_data = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (json.JSONDecodeError, OSError):  # being written
+        return {}
+    return {trial["trial_id"]: trial["status"] for trial in (json.loads(data[0]) for data in trial_data)}
+
+
+def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(tmp_path):
+    out, port = tmp_path / "sweep", free_port()
+    sweep_args = ["--out", str(out), "--num_samples", "4", "--max_concurrent", "2", *TRIAL]
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    dry = dry_run(TUNE, tmp_path, *sweep_args, SLURM_JOB_NODELIST="localhost,127.0.0.1", SLURM_JOB_ID="9",
+                  SLURM_NNODES="2", SLURM_CPUS_PER_TASK="1", GPUS_PER_NODE="0", RAY_PORT=str(port),
+                  MLFLOW_TRACKING_URI=tracking, REPO=str(ROOT), VENV=str(VENV))
+    assert dry.returncode == 0, dry.stderr
+    (head_host, head), (_, worker), (_, sweep) = node_commands(dry.stdout)
+    assert head_host == "localhost" and "--head" in head and f"--address=localhost:{port}" in worker
+
+    def local(words: list[str]) -> list[str]:  # what srun would run on the node
+        start = next(i for i, w in enumerate(words) if w.startswith(str(VENV)))
+        return words[start:-1] if words[-1] == "&" else words[start:]
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "disabled"}
+    sweep_env = {**env, **dict(word.split("=", 1) for word in sweep[:2])}  # MLFLOW_TRACKING_URI, RAY_ADDRESS
+    nodes = []
+    try:
+        for command in (head, worker):
+            nodes.append(subprocess.Popen(local(command), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True))
+            time.sleep(3)  # the worker joins the head's GCS once it listens; `ray start` retries meanwhile
+
+        first = subprocess.Popen(local(sweep), cwd=ROOT, env=sweep_env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        experiment_dir = out / "ray" / f"dtvg-sweep-{out.name}"
+        seen: dict[int, float] = {}
+        victim = wait_for(lambda: training_trial_workers(seen), "a trial to train")[0]
+        os.kill(victim, signal.SIGKILL)  # a trial crashes (an OOM kill, a segfault)
+        # kill the driver once Tune's saved state has a crashed, a finished and a running trial
+        try:
+            saved = wait_for(lambda: {"ERROR", "TERMINATED", "RUNNING"} <= set((state := saved_trials(experiment_dir)).values())
+                             and state, "a saved state with a crashed, a finished and a running trial", every=0.5)
+        except pytest.fail.Exception:
+            os.killpg(first.pid, signal.SIGKILL)
+            pytest.fail(f"{saved_trials(experiment_dir)}\n{first.communicate()[0][-5000:]}")
+        done_before = {name: result for name, result in finished_trials(experiment_dir).items()
+                       if saved.get(name.removeprefix("dtvg_trial_")) == "TERMINATED"}
+        assert first.poll() is None, first.communicate()[0][-3000:]
+        os.killpg(first.pid, signal.SIGKILL)  # the driver dies without a word
+        first.communicate()
+
+        again = subprocess.run(local(sweep), cwd=ROOT, env=sweep_env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        assert "Resuming the sweep" in again.stdout
+    finally:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGTERM)
+        for node in nodes:
+            node.wait(timeout=60)
+
+    best = json.loads((out / "best.json").read_text())
+    assert best["trials"] == 4 and best["failed_trials"] == 1, best
+    (crashed,) = [t for t in best["trial_list"] if t["status"] == "ERROR"]
+    assert crashed["error"]
+    assert "trial failed: " + crashed["trial"] in again.stderr
+    finished = [t for t in best["trial_list"] if t["status"] == "TERMINATED"]
+    assert all(t["validation_mean"] is not None for t in finished)
+    assert len({t["node"] for t in finished}) == 2  # both nodes ran trials
+    # trials that had finished before the kill were not run again: the same result, one MLflow run
+    assert {name: finished_trials(experiment_dir)[name] for name in done_before} == done_before
+    by_id = {t["trial"].rpartition("(")[2].rstrip(")"): t["trial"] for t in best["trial_list"]}
+    ran_before = [by_id[trial_id] for trial_id, state in saved.items() if state == "TERMINATED"]
+    cut_off = [by_id[trial_id] for trial_id, state in saved.items() if state == "RUNNING"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name(f"dtvg-sweep-{out.name}")
+    runs = client.search_runs([experiment.experiment_id])
+    status = {}
+    for run in runs:
+        status.setdefault(run.data.tags.get("trial_name", "sweep"), []).append(run.info.status)
+    assert "RUNNING" not in {s for statuses in status.values() for s in statuses}, status
+    assert status[crashed["trial"]] == ["FAILED"]
+    for trial in finished:  # a trial cut off by the kill has a KILLED run beside its FINISHED one
+        assert "FINISHED" in status[trial["trial"]] and set(status[trial["trial"]]) <= {"FINISHED", "KILLED"}
+    for trial in ran_before:
+        assert status[trial] == ["FINISHED"]
+    for trial in cut_off:  # ran again after the restart; the run the killed driver had started ends KILLED
+        assert sorted(status[trial]) == ["FINISHED", "KILLED"], status
