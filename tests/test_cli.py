@@ -59,12 +59,7 @@ def test_an_option_out_of_range_stops_with_exit_code_2_and_writes_nothing(tmp_pa
 
 def test_sweep_and_report_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     """In this process: the checks come before Ray, Stage I or a process group would start."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sweep_script", ROOT / "tune" / "sweep.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    from dtvg_scale import report
+    from dtvg_scale import report, sweep
 
     (tmp_path / "stage1" / "emb_target").mkdir(parents=True)
     for args, message in [
@@ -256,3 +251,16 @@ def test_training_goes_on_when_the_tracking_server_is_down(tmp_path):
         steps = 4 if run.startswith("stage1") else 2
         assert [r["step"] for r in rows if "loss" in r] == list(range(steps))  # nothing lost
         assert sum("validation" in r for r in rows) == steps // 2  # eval_every=2
+
+
+def test_the_console_scripts_are_the_documented_commands(tmp_path):
+    """pyproject's console scripts (README: "the same as its module") reach each command's own
+    argument handling: its usage line, and for dtvg-train the range check with exit code 2."""
+    bin_dir = Path(sys.executable).parent
+    for name in ("dtvg-sweep", "dtvg-export", "dtvg-fetch-model"):
+        result = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: {name}"), result.stderr[-2000:]
+    result = subprocess.run([str(bin_dir / "dtvg-train"), f"run.output_dir={tmp_path / 'run'}", "prompt.length=-3"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr == "error: prompt.length must be an integer >= 1, got -3\n"
+    assert not (tmp_path / "run").exists()
