@@ -130,8 +130,8 @@ class DataArgs:
     )
     max_train_samples: int | None = _help("Cap on training examples per task (null: all).", AT_LEAST_1, default=None)
     max_eval_samples: int | None = _help(
-        "Cap on validation and test examples per task, the first of each split (null: all; quick runs only, "
-        "not the paper's protocol).",
+        "Cap on validation and test examples per task, drawn at random with data.split_seed (the same for every "
+        "run seed) and kept in the split's order (null: all; quick runs only, not the paper's protocol).",
         AT_LEAST_1, default=None,
     )
     embedded_train_size: int = _help("Training examples per embedded task.", AT_LEAST_1, default=512)

@@ -369,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
             check_trial_fits(args, ray.cluster_resources().get("CPU", 0.0), f"the Ray cluster at {args.address}")
         else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+            # "local": a Ray of our own, even where `ray start` left a cluster that ray.init() would join
+            ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level="ERROR")
 
         def dtvg_trial(config: dict[str, Any]) -> None:
             (run_stage2 if args.ranks_per_trial == 1 else run_stage2_on_ranks)(config, settings)

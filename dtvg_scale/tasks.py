@@ -10,6 +10,7 @@ split stops the run with a message naming it.
 from __future__ import annotations
 
 import dataclasses
+import random
 from functools import partial
 
 from dtvg_scale import benchmark_tasks, controlled, embedded
@@ -67,9 +68,21 @@ def load_task(name: str, data: DataArgs, decoder_only: bool = False, role: str =
         if not with_test:
             splits = dataclasses.replace(splits, test=[])
     if data.max_eval_samples is not None:
-        cap = data.max_eval_samples
-        splits = dataclasses.replace(splits, validation=splits.validation[:cap], test=splits.test[:cap])
+        cap, seed = data.max_eval_samples, data.split_seed
+        splits = dataclasses.replace(splits, validation=eval_subset(splits.validation, cap, seed),
+                                     test=eval_subset(splits.test, cap, seed))
     return splits
+
+
+def eval_subset(examples: list, cap: int, seed: int) -> list:
+    """``cap`` examples drawn at random (the same for every run seed, so seeds differ by training
+    only), in the split's order. Not the first ``cap``: hub splits are often sorted by label
+    (Rotten Tomatoes' test: 533 positive reviews, then 533 negative), and the first 200 were all
+    positive."""
+    if len(examples) <= cap:
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), cap))
+    return [examples[i] for i in keep]
 
 
 def scorer(name: str) -> Scorer:

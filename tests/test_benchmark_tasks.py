@@ -415,3 +415,21 @@ def test_score_multirc_groups_by_question_and_qa_takes_max_over_answers():
     qa = [bt.BenchmarkExample("q", "cat", ("cat", "the Cats")), bt.BenchmarkExample("q", "dog", ("dog",))]
     squad = bt.score("record", ["Cats!", "a dog"], qa)
     assert squad == {"f1": 1.0, "em": 1.0, "mean": 1.0}
+
+
+def test_capped_evaluation_draws_at_random_not_the_first_rows():
+    """Rotten Tomatoes' test split is sorted by label: its first 200 rows are all positive, which
+    made every score on it the fraction of "positive" answers. A cap draws at random, the same
+    examples for every run seed, in the split's order."""
+    from dtvg_scale.config import DataArgs
+    from dtvg_scale.tasks import load_task
+
+    full = bt.load_benchmark_task("rotten_tomatoes", local_dir=str(DATA)).test
+    assert {e.target for e in full[:200]} == {"1"}
+    capped = [load_task("rotten_tomatoes", DataArgs(local_dir=str(DATA), max_eval_samples=200, seed=seed)).test
+              for seed in (0, 1)]
+    assert capped[0] == capped[1] and len(capped[0]) == 200
+    positive = sum(e.target == "1" for e in capped[0])
+    assert 70 < positive < 130
+    positions = [full.index(e) for e in capped[0]]
+    assert positions == sorted(positions)

@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 PROMPT_TUNING = "prompt tuning (Stage-I target)"
 ZERO_SHOT = "zero-shot (no prompt, first seed)"
 
@@ -159,14 +161,32 @@ def _init_norm(run_dir: Path) -> float | None:
     return float(tensors["init_prompt"].norm(dim=1).mean())
 
 
-def majority_baselines(targets: list[str], data_dir: str) -> dict:
-    """The test split's most frequent class, as a fraction: what a constant answer scores (the
-    K-shot train is class-balanced, so the prompt is not told the test prior)."""
+def eval_caps(layout: Layout) -> dict[str, tuple[int | None, int]]:
+    """Each target's ``data.max_eval_samples`` and ``data.split_seed``, from a run's config."""
+    caps = {}
+    for target in layout.targets:
+        for seed in layout.seeds:
+            for k in layout.k_shots:
+                config = layout.cell(seed, target, k) / "main" / "config.yaml"
+                if target not in caps and config.is_file():
+                    data = yaml.safe_load(config.read_text())["data"]
+                    caps[target] = (data.get("max_eval_samples"), data.get("split_seed", 42))
+    return caps
+
+
+def majority_baselines(targets: list[str], data_dir: str, caps: dict[str, tuple[int | None, int]]) -> dict:
+    """The most frequent class of the test examples evaluated (the split, or the runs' capped
+    subset of it), as a fraction: what a constant answer scores (the K-shot train is
+    class-balanced, so the prompt is not told the test prior)."""
     from dtvg_scale.benchmark_tasks import load_benchmark_task
+    from dtvg_scale.tasks import eval_subset
 
     out = {}
     for target in targets:
         test = load_benchmark_task(target, local_dir=data_dir).test
+        cap, split_seed = caps.get(target, (None, 42))
+        if cap is not None:
+            test = eval_subset(test, cap, split_seed)
         label, count = Counter(e.target for e in test).most_common(1)[0]
         out[target] = {"fraction": count / len(test), "label": label, "test_examples": len(test)}
     return out
@@ -190,7 +210,7 @@ def summarise(layout: Layout, data_dir: str) -> dict:
     return {"seeds": layout.seeds, "targets": layout.targets, "k_shots": layout.k_shots,
             "sources": list(layout.sources), "scores": table, "groups": groups(layout),
             "spot_source": spot_sources(layout), "prompt_row_norm": prompt_norms(layout), "source_stage1_validation": source_stage1(layout),
-            "majority_class": majority_baselines(layout.targets, data_dir), "sanity": sanity(table),
+            "majority_class": majority_baselines(layout.targets, data_dir, eval_caps(layout)), "sanity": sanity(table),
             "backbone": read_json(layout.out / "backbone" / "pretrain.json")}
 
 
@@ -203,7 +223,7 @@ def score_table(summary: dict) -> list[str]:
     for name, cells in summary["scores"].items():
         lines.append(f"| {name} | " + " | ".join(mean_sd(cells[c]["per_seed"]) for c in cols) + " |")
     majority = summary["majority_class"]
-    lines.append("| *majority class of the test split* | "
+    lines.append("| *majority class of the test examples evaluated* | "
                  + " | ".join(f"{majority[c.split('_k')[0]]['fraction']:.3f}" for c in cols) + " |")
     return lines
 
