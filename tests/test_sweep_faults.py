@@ -8,7 +8,6 @@ RUNNING, and trials that had finished were not run again."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from dtvg_scale.distributed import free_port
 from test_slurm import TUNE, dry_run, node_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,12 +23,6 @@ VENV = Path(sys.executable).parent.parent
 TRIAL = ["data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
          "stage1.steps=6", "stage1.eval_every=3", "stage2.steps=40", "stage2.eval_every=10",
          "data.max_target_length=4", "run.tracking=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(condition, what: str, timeout: float = 300, every: float = 0.2):

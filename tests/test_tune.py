@@ -5,7 +5,6 @@ its web UI rendered by headless Chromium; the best config reproduces its run thr
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ import torch
 import yaml
 
 from dtvg_scale.checkpoint import load_tensors
+from dtvg_scale.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 QUICK = ["data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
          "stage1.steps=6", "stage1.eval_every=3", "stage2.steps=6", "stage2.eval_every=2",
          "data.max_target_length=4", "run.tracking=false"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _api(base: str, path: str, body: dict | None = None) -> dict:
@@ -43,7 +37,7 @@ def _api(base: str, path: str, body: dict | None = None) -> dict:
 def mlflow_server(tmp_path_factory):
     """A lean MLflow server (one worker, job execution off) with a sqlite backend."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
