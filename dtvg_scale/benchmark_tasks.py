@@ -57,15 +57,17 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import regex
 import torch
 
 from dtvg_scale import metrics
 from dtvg_scale.embedded import Example
+
+if TYPE_CHECKING:  # imported where a split is read: ~0.6 s at every start that most runs never need
+    import datasets
 
 __all__ = [
     "BENCHMARK_GROUPS",
@@ -409,6 +411,8 @@ def read_official_split(name: str, split: str, local_dir: str | None, purpose: s
     :class:`MissingSplitError` naming the task, the split and where it was looked for;
     ``purpose`` (e.g. "the test split") is added to the message.
     """
+    import datasets
+
     spec = get_spec(name)
     wanted = f"split {split!r}" + (f" (for {purpose})" if purpose else "")
     if spec.files:  # a task file's own files, wherever they are

@@ -30,7 +30,6 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from transformers import get_linear_schedule_with_warmup
 
 from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
@@ -175,10 +174,22 @@ def optimizer_groups(named: list[tuple[str, nn.Parameter, float]]) -> list[dict]
     return list(groups.values())
 
 
+def linear_warmup_then_decay(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate factor of transformers' ``get_linear_schedule_with_warmup`` (0 -> 1 over
+    the warmup, then linearly to 0 at ``total_steps``), in the same float operations so the
+    schedule is bitwise the same. Written here because importing ``transformers.optimization``
+    imports ``trainer_utils`` and with it all of PEFT, ~1 s in every rank of every launch."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return float(step) / float(max(1, warmup_steps))
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    return factor
+
+
 def build_engine(model: PromptedModel, param_groups: list[dict], loop: LoopArgs, ds_config: dict, weight_decay: float):
     check_trainable(model)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, loop.warmup_steps, loop.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_then_decay(loop.warmup_steps, loop.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     engine.checkpoint_engine = SafetensorsCheckpointEngine()
     _exclude_frozen_aliases(engine)

@@ -23,8 +23,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import regex
-import scipy.stats
-import sklearn.metrics
 
 __all__ = [
     "accuracy",
@@ -63,6 +61,7 @@ def binary_f1(predictions: Sequence[str], targets: Sequence[str], positive: str 
         return 0.0
     fixed = [p if p in (positive, negative) else (negative if t == positive else positive)
              for p, t in zip(predictions, targets)]
+    import sklearn.metrics  # here, not at the top: with scipy, ~0.5 s of import most runs never need
     return float(sklearn.metrics.f1_score(list(targets), fixed, pos_label=positive, average="binary",
                                           zero_division=0.0))
 
@@ -73,6 +72,7 @@ def matthews(predictions: Sequence[str], targets: Sequence[str]) -> float:
     _check(predictions, targets)
     if not targets:
         return 0.0
+    import sklearn.metrics
     return float(sklearn.metrics.matthews_corrcoef(list(targets), list(predictions)))
 
 
@@ -99,11 +99,13 @@ def _correlation(fn, predictions: Sequence[str], targets: Sequence[str]) -> floa
 def pearson(predictions: Sequence[str], targets: Sequence[str]) -> float:
     """Pearson r of the numbers in the strings; unparseable predictions count as -1, and a
     constant prediction (r undefined) scores 0, as in the prior code."""
+    import scipy.stats  # here, not at the top (see binary_f1)
     return _correlation(scipy.stats.pearsonr, predictions, targets)
 
 
 def spearman(predictions: Sequence[str], targets: Sequence[str]) -> float:
     """Spearman rho, with the same conventions as :func:`pearson`."""
+    import scipy.stats
     return _correlation(scipy.stats.spearmanr, predictions, targets)
 
 
@@ -113,6 +115,7 @@ def macro_f1(predictions: Sequence[str], targets: Sequence[str], labels: Sequenc
     _check(predictions, targets)
     if not targets:
         return 0.0
+    import sklearn.metrics
     return float(sklearn.metrics.f1_score(list(targets), list(predictions), labels=list(labels),
                                           average="macro", zero_division=0.0))
 

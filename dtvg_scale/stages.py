@@ -10,8 +10,9 @@ Run directory layout::
     <output_dir>/stage2/<strategy>/                best_prompt.safetensors (P_mix), metrics, group trace
     <output_dir>/results.json                      the summary
 
-Each run loads the backbone afresh (ZeRO-3 partitions it as it loads) and is skipped when its
-``result.json`` exists, so a job that died is started again with the same command.
+The backbone is loaded once (ZeRO-3 partitions it as it loads) and every run's engine wraps it;
+a run is skipped when its ``result.json`` exists, so a job that died is started again with the
+same command.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dtvg_scale.data import encode_examples, encode_targets
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
                                resolve_precision)
-from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.strategies import spot_source
 from dtvg_scale.task_files import register_task_files
@@ -97,6 +97,7 @@ class Pipeline:
         self.hidden_size = _hidden_size(self.model_path)
         _check_prompt_fits(self.model_path, cfg.prompt.length, cfg.prompt.init_vocab_limit)
         self._encoded: dict[str, Any] = {}
+        self._backbones: dict[str, Backbone] = {}
 
     def _data_record(self) -> dict[str, Any]:
         """What each task's splits really held (subsets and caps included) and any protocol departure."""
@@ -115,9 +116,14 @@ class Pipeline:
         return resolve_ds_config(self.raw_ds_config, loop, self.ctx.world_size, self.dtype, largest)
 
     def load(self, loop: LoopArgs) -> tuple[Backbone, dict]:
+        """The frozen backbone and the DeepSpeed config of a run with ``loop``. The backbone is
+        loaded once per partitioning: every run's engine wraps the same frozen module (each
+        engine removes its ZeRO-3 hooks when destroyed), which saves a whole load per run."""
         ds_config = self._ds_config(loop)
-        backbone = load_backbone(self.model_path, self.cfg.model.name_or_path, ds_config, self.dtype)
-        return backbone, ds_config
+        key = json.dumps(ds_config.get("zero_optimization", {}), sort_keys=True)
+        if key not in self._backbones:
+            self._backbones[key] = load_backbone(self.model_path, self.cfg.model.name_or_path, ds_config, self.dtype)
+        return self._backbones[key], ds_config
 
     def _examples(self, task: str, backbone: Backbone) -> tuple:
         """The task's splits, raw and tokenised (once per task)."""
@@ -219,6 +225,8 @@ class Pipeline:
         config, and (Stage II) the group-trace heatmap and similarity-over-time plots."""
         if not tracker.active:
             return
+        from dtvg_scale.plots import group_trace_heatmap, similarity_over_time  # matplotlib: only when tracked
+
         (out_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         trace = out_dir / "group_trace.jsonl"
         if trace.is_file():

@@ -322,7 +322,7 @@ def test_hub_loading_asks_the_hub_for_the_protocols_splits(monkeypatch):
         return datasets.Dataset.from_list(read_rows(f"{folder}/{name}/{split}.jsonl"))
 
     local = bt.load_benchmark_task("rte", local_dir=str(DATA))
-    monkeypatch.setattr(bt.datasets, "load_dataset", hub)
+    monkeypatch.setattr(datasets, "load_dataset", hub)  # what read_official_split imports
     rte = bt.load_benchmark_task("rte", local_dir=None)
     assert (rte.train, rte.validation, rte.test) == (local.train, local.validation, local.test)
     bt.load_benchmark_task("qnli", local_dir=None, max_train_samples=5)
