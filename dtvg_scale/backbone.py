@@ -24,7 +24,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from dtvg_scale.gguf_backbone import GGUFError, convert_gguf, is_gguf_path
 from dtvg_scale.progress import library_bars_hidden
 
-EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_PREFIX = "embedded:"  # tiny, random, built from a config
+CONTROLLED_PREFIX = "controlled:"  # tiny, pretrained here on the controlled world (dtvg_scale.controlled)
 
 
 class BackboneError(ValueError):
@@ -44,7 +45,8 @@ class Backbone:
 def resolve_model_path(
     name_or_path: str, cache_dir: Path, d_model: int, num_layers: int, corpus: list[str] | None = None
 ) -> str:
-    """Turn ``embedded:<family>`` into a local folder (building it once), check local paths.
+    """Turn ``embedded:<family>`` or ``controlled:<family>`` into a local folder (building or
+    pretraining it once in ``cache_dir``), check local paths.
 
     An embedded backbone gets the word-level tokenizer of the embedded world, or, given a
     ``corpus`` (the text of real tasks), a byte-level BPE trained on it. Hub names are returned
@@ -56,6 +58,10 @@ def resolve_model_path(
             return str(convert_gguf(name_or_path))
         except GGUFError as err:
             raise BackboneError(str(err)) from err
+    if name_or_path.startswith(CONTROLLED_PREFIX):
+        from dtvg_scale import controlled
+
+        return controlled.pretrained_backbone(cache_dir, embedded_family(name_or_path))
     if name_or_path.startswith(EMBEDDED_PREFIX):
         from dtvg_scale import embedded
 
@@ -76,15 +82,17 @@ def resolve_model_path(
 
 
 def embedded_family(name_or_path: str) -> str:
-    family = name_or_path.removeprefix(EMBEDDED_PREFIX)
+    """The family of an ``embedded:`` or ``controlled:`` backbone name."""
+    prefix = CONTROLLED_PREFIX if name_or_path.startswith(CONTROLLED_PREFIX) else EMBEDDED_PREFIX
+    family = name_or_path.removeprefix(prefix)
     if family not in ("t5", "llama"):
-        raise BackboneError(f"unknown embedded backbone {name_or_path!r}; use embedded:t5 or embedded:llama")
+        raise BackboneError(f"unknown built-in backbone {name_or_path!r}; use {prefix}t5 or {prefix}llama")
     return family
 
 
 def is_decoder_only(name_or_path: str) -> bool:
     """Known before anything is built: embedded names say it, other models' configs do."""
-    if name_or_path.startswith(EMBEDDED_PREFIX):
+    if name_or_path.startswith((EMBEDDED_PREFIX, CONTROLLED_PREFIX)):
         return embedded_family(name_or_path) == "llama"
     return not is_encoder_decoder_config(resolve_model_path(name_or_path, Path("."), 0, 0))
 

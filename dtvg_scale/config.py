@@ -1,11 +1,12 @@
 """Every option of a run, in one place: dataclasses filled from YAML and ``key=value`` overrides.
 
-The defaults are the *embedded default*: a tiny T5 built from a config and the built-in task
-suite, small enough to run both stages on 2 CPU cores in minutes. Where the paper's protocol
+The defaults are the *embedded default*: a tiny T5 pretrained here once (seconds) on the
+controlled world's rules and that world's held-out tasks (``dtvg_scale/controlled.py``), small
+enough to run both stages on 2 CPU cores in minutes. Where the paper's protocol
 differs, the help text gives the paper's value; ``configs/`` holds YAML files with them.
 
 Command line: ``train.py [--config FILE.yaml] [--ds_config FILE.json] [section.key=value ...]``.
-A key may omit its section when the name is unique (``target=emb_target``); values are parsed
+A key may omit its section when the name is unique (``target=ctl_target``); values are parsed
 as YAML (``sources=[a,b]``, ``kc_weight=null``).
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dtvg_scale.strategies import STRATEGIES
+from dtvg_scale.strategies import STRATEGIES, split_strategy
 
 
 class ConfigError(ValueError):
@@ -78,8 +79,10 @@ class ModelArgs:
     name_or_path: str = _help(
         "Backbone: a hub name (t5-base, meta-llama/Llama-3.2-1B), a local folder, a .gguf file (converted once "
         "into a folder in the cache; `python -m dtvg_scale.fetch_model` fetches SmolLM2-135M-Instruct), or "
-        "'embedded:t5' / 'embedded:llama' (tiny, randomly initialised, built from a config).",
-        default="embedded:t5",
+        "'embedded:t5' / 'embedded:llama' (tiny, randomly initialised, built from a config), or "
+        "'controlled:t5' / 'controlled:llama' (tiny, pretrained once here on the controlled world's rules: "
+        "dtvg_scale/controlled.py).",
+        default="controlled:t5",
     )
     precision: str = _help(
         "auto (bf16 where the accelerator supports it, fp32 on CPU), fp32 or bf16.", default="auto"
@@ -94,11 +97,11 @@ class ModelArgs:
 
 @dataclass
 class DataArgs:
-    target: str = _help("The target task.", default="emb_target")
+    target: str = _help("The target task.", default="ctl_target")
     sources: list[str] = _help(
         "Source tasks (Stage-I vectors are trained for each). Paper: mnli, qnli, qqp, sst2, squad, record.",
         default_factory=lambda: [
-            "emb_help_a", "emb_help_b", "emb_unrel_a", "emb_unrel_b", "emb_conf_a", "emb_conf_b",
+            "ctl_help_a", "ctl_help_b", "ctl_unrel_a", "ctl_unrel_b", "ctl_conf_a", "ctl_conf_b",
         ],
     )
     seed: int = _help("Seed of the data order and of the embedded suite.", AT_LEAST_0, default=0)
@@ -134,7 +137,8 @@ class DataArgs:
         "run seed) and kept in the split's order (null: all; quick runs only, not the paper's protocol).",
         AT_LEAST_1, default=None,
     )
-    embedded_train_size: int = _help("Training examples per embedded task.", AT_LEAST_1, default=512)
+    embedded_train_size: int = _help("Training examples per embedded or controlled task (the controlled target "
+                                     "keeps 8: it is few-shot).", AT_LEAST_1, default=512)
     embedded_eval_size: int = _help("Validation and test examples per embedded task.", AT_LEAST_1, default=128)
     task_files: list[str] = _help(
         "YAML files that each define a task (data files or a hub dataset, template, labels or answer field, "
@@ -176,7 +180,7 @@ class PromptArgs:
 
 @dataclass
 class LoopArgs:
-    steps: int = _help("Optimizer steps.", AT_LEAST_1, default=150)
+    steps: int = _help("Optimizer steps.", AT_LEAST_1, default=100)
     batch_size: int = _help("Global batch size (over ranks and accumulation).", AT_LEAST_1, default=32)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", AT_LEAST_1, default=1)
     warmup_steps: int = _help("Linear warmup steps, then linear decay to 0 (paper: 500).", AT_LEAST_0, default=10)
@@ -202,8 +206,9 @@ class Stage1Args(LoopArgs):
 @dataclass
 class Stage2Args(LoopArgs):
     strategies: list[str] = _help(
-        f"Stage-II strategies to run, each from the same Stage-I vectors: {', '.join(STRATEGIES)}.",
-        default_factory=lambda: list(STRATEGIES),
+        f"Stage-II strategies to run, each from the same Stage-I vectors: {', '.join(STRATEGIES)}; a merging one "
+        "may add a preset after a dash (dtvg-transfer: DTVG with stage2.preset=transfer's knobs over the job's).",
+        default_factory=lambda: [*STRATEGIES, "dtvg-transfer"],
     )
     batch_size: int = _help("Global batch size (paper: 16).", AT_LEAST_1, default=16)
     prompt_lr: float = _help("Target prompt learning rate (paper: 1e-3).", ABOVE_0, default=1e-2)
@@ -258,9 +263,11 @@ class Stage2Args(LoopArgs):
                 raise ConfigError(f"unknown stage2.{knob} {getattr(self, knob)!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
         if self.selection == "top_k" and self.top_k is None:
             raise ConfigError("stage2.selection=top_k needs stage2.top_k (an integer >= 1)")
-        unknown = [s for s in self.strategies if s not in STRATEGIES]
-        if unknown:
-            raise ConfigError(f"unknown strategy {unknown[0]!r}; known strategies: {', '.join(STRATEGIES)}")
+        for name in self.strategies:
+            try:
+                split_strategy(name, tuple(PRESETS))
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if not self.strategies:
             raise ConfigError("stage2.strategies is empty")
 

@@ -46,7 +46,8 @@ from dtvg_scale.engine import load_ds_config  # noqa: E402
 from dtvg_scale.evaluate import generate_predictions  # noqa: E402
 from dtvg_scale.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.stages import Pipeline  # noqa: E402
-from dtvg_scale.strategies import STRATEGIES  # noqa: E402
+from dtvg_scale.strategies import STRATEGIES, split_strategy  # noqa: E402
+from dtvg_scale.variants import PRESETS  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
@@ -155,9 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             if not (Path(run) / "config.yaml").is_file():
                 raise ConfigError(f"{run} is not a train.py run directory (no config.yaml)")
             load_config(str(Path(run) / "config.yaml"), [*args.overrides, f"run.output_dir={run}"])  # ranges, folders
-        unknown = [s for s in args.strategies if s not in STRATEGIES]
-        if unknown:
-            raise ConfigError(f"--strategies: unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)}")
+        for name in args.strategies:
+            try:
+                split_strategy(name, tuple(PRESETS))
+            except ValueError as err:
+                raise ConfigError(f"--strategies: {err}") from None
         if any(p.is_file() for p in Path(args.out).resolve().parents) or Path(args.out).with_suffix(".md").is_dir():
             raise ConfigError(f"--out {args.out}: a path prefix below a folder (writes <out>.md and <out>.json)")
     except ConfigError as err:

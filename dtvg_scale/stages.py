@@ -8,6 +8,7 @@ Run directory layout::
     <output_dir>/init_prompt.safetensors           P_init, shared by every task
     <output_dir>/stage1/<task>/                    best_prompt.safetensors (prompt, task_vector), metrics
     <output_dir>/stage2/<strategy>/                best_prompt.safetensors (P_mix), metrics, group trace
+                                                   (<strategy> may carry a preset: dtvg-transfer)
     <output_dir>/results.json                      the summary
 
 The backbone is loaded once (ZeRO-3 partitions it as it loads) and every run's engine wraps it;
@@ -17,6 +18,7 @@ same command.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -24,9 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-from dtvg_scale import tasks
-from dtvg_scale.backbone import (Backbone, PromptedModel, is_decoder_only, load_backbone, read_embedding_rows,
-                                 resolve_model_path)
+from dtvg_scale import controlled, tasks
+from dtvg_scale.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
+                                 read_embedding_rows, resolve_model_path)
 from dtvg_scale.checkpoint import load_tensors, save_tensors
 from dtvg_scale.config import Config, ConfigError, LoopArgs
 from dtvg_scale.data import encode_examples, encode_targets
@@ -34,10 +36,11 @@ from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
                                resolve_precision)
 from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
-from dtvg_scale.strategies import spot_source
+from dtvg_scale.strategies import spot_source, split_strategy
 from dtvg_scale.task_files import register_task_files
 from dtvg_scale.tracking import flatten, make_tracker, result_columns
 from dtvg_scale.transfer import target_losses, transfer_gains
+from dtvg_scale.variants import PRESETS
 
 
 class StageError(ValueError):
@@ -60,6 +63,11 @@ class Pipeline:
         tasks.check_tasks(task_names)
         if cfg.data.target in cfg.data.sources:
             raise ConfigError(f"the target {cfg.data.target!r} is also listed as a source")
+        if cfg.model.name_or_path.startswith(CONTROLLED_PREFIX):
+            foreign = [name for name in task_names if name not in controlled.CONTROLLED_TASKS]
+            if foreign:  # its word-level vocabulary is the controlled world's: any other text is all unknown
+                raise ConfigError(f"{cfg.model.name_or_path} knows the controlled world's tasks only "
+                                  f"({', '.join(controlled.CONTROLLED_TASKS)}), not {foreign[0]!r}")
         if len(set(cfg.data.sources)) != len(cfg.data.sources):
             raise ConfigError(f"a source is listed twice: {cfg.data.sources}")
         unknown = set(cfg.data.overrides_by_task()) - set(task_names)
@@ -197,7 +205,10 @@ class Pipeline:
         run = self.cfg.run
         tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
         stage, _, name = spec.name.partition("/")
-        tracker.start(f"{Path(run.output_dir).name}/{spec.name}", flatten(self.cfg.to_dict()),
+        params = self.cfg.to_dict()
+        if spec.name.startswith("stage2/"):  # this run's own Stage-II knobs (a strategy's preset changes some)
+            params["stage2"] = dataclasses.asdict(loop)
+        tracker.start(f"{Path(run.output_dir).name}/{spec.name}", flatten(params),
                       tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)},
                       parent_run_id=self.parent_run_id)
         status = "FAILED"
@@ -340,13 +351,15 @@ class Pipeline:
 
     def stage2(self) -> dict[str, Any]:
         results = {}
-        cfg, loop = self.cfg, self.cfg.stage2
+        cfg = self.cfg
         names = tuple(self.stage2_sources())
-        for strategy in loop.strategies:
-            out_dir = self.out / "stage2" / strategy
+        for run_name in cfg.stage2.strategies:
+            out_dir = self.out / "stage2" / run_name
             if cfg.run.resume and (done := self._done(out_dir)):
-                results[strategy] = done
+                results[run_name] = done
                 continue
+            strategy, preset = split_strategy(run_name, tuple(PRESETS))
+            loop = cfg.stage2 if preset is None else dataclasses.replace(cfg.stage2, **PRESETS[preset])
             backbone, ds_config = self.load(loop)
             p_init = self.init_prompt(backbone).float()
             target_prompt, source_prompts, source_tvs = self._stage1_vectors(p_init)
@@ -366,25 +379,24 @@ class Pipeline:
                 groups = optimizer_groups([("prompt", module.prompt, loop.prompt_lr),
                                            ("target_scale", module.target_scale, loop.target_scale_lr),
                                            ("source_scales", module.source_scales, loop.source_scale_lr)])
-                meta = {"strategy": strategy}
-            spec = self._spec(f"stage2/{strategy}", out_dir, loop, cfg.data.target, backbone,
+                meta = {"strategy": strategy, **({"preset": preset} if preset else {})}
+            spec = self._spec(f"stage2/{run_name}", out_dir, loop, cfg.data.target, backbone,
                               source_names=names if strategy != "spot" else ())
             prepare = None
             if strategy != "spot" and loop.ranking == "transfer":
-                prepare = functools.partial(self._measure_transfer, spec=spec, names=names,
+                prepare = functools.partial(self._measure_transfer, loop=loop, spec=spec, names=names,
                                             pad_id=backbone.tokenizer.pad_token_id)
-            results[strategy] = {**self._train(backbone, ds_config, module, groups, loop, spec, prepare=prepare,
+            results[run_name] = {**self._train(backbone, ds_config, module, groups, loop, spec, prepare=prepare,
                                                artifact_meta={**self._fingerprint(), **meta}), **meta}
             if self.ctx.is_main:  # keep the strategy's facts (e.g. SPoT's source) for reruns that skip it
-                (out_dir / "result.json").write_text(json.dumps(results[strategy], indent=2) + "\n")
+                (out_dir / "result.json").write_text(json.dumps(results[run_name], indent=2) + "\n")
         return results
 
-    def _measure_transfer(self, engine, spec: RunSpec, names: tuple[str, ...], pad_id: int) -> None:
+    def _measure_transfer(self, engine, loop: LoopArgs, spec: RunSpec, names: tuple[str, ...], pad_id: int) -> None:
         """ranking=transfer: score every source's own prompt (P_init + T_k) and P_init on the
         target's first ``stage2.transfer_examples`` training examples, hand the gains to the DTVG
         prompt and write them to ``<run>/transfer.json``."""
         module: DTVGPrompt = engine.module.prompt
-        loop = self.cfg.stage2
         prompts = torch.cat([module.init_prompt.unsqueeze(0), module.init_prompt + module.source_tvs])
         examples = spec.train[: loop.transfer_examples]
         losses = target_losses(engine.module, prompts, examples, pad_id, loop.eval_batch_size,

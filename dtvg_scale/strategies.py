@@ -10,9 +10,15 @@ exception: it picks one source prompt once, then trains a plain prompt (no merge
 - ``all_sources``: every source, no grouping.
 - ``fixed_group``: the DTVG group of the first step, kept for the whole run.
 - ``spot``: SPoT; start from the most cosine-similar source prompt, then plain prompt tuning.
+
+A merging strategy may name a ``stage2.preset`` after a dash, ``dtvg-transfer``: the same
+strategy with that preset's knobs over the job's, run beside the others from the same Stage I
+(its folder, results and table row are named so).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -23,9 +29,26 @@ STRATEGIES: tuple[str, ...] = ("dtvg", "positive_only", "target_only", "all_sour
 MERGING_STRATEGIES: tuple[str, ...] = tuple(s for s in STRATEGIES if s != "spot")
 
 
+PRESET_SEPARATOR = "-"
+
+
 def check_strategy(name: str) -> None:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}")
+
+
+def split_strategy(name: str, presets: Sequence[str]) -> tuple[str, str | None]:
+    """``"dtvg-transfer"`` -> ``("dtvg", "transfer")``; ``"dtvg"`` -> ``("dtvg", None)``. Raises
+    ValueError naming what is known when the strategy, the preset or the pair is not."""
+    strategy, separator, preset = name.partition(PRESET_SEPARATOR)
+    check_strategy(strategy)
+    if not separator:
+        return strategy, None
+    if strategy not in MERGING_STRATEGIES:
+        raise ValueError(f"strategy {name!r}: a preset applies to merging strategies ({', '.join(MERGING_STRATEGIES)})")
+    if preset not in presets:
+        raise ValueError(f"strategy {name!r}: unknown preset {preset!r}; known: {', '.join(presets)}")
+    return strategy, preset
 
 
 def strategy_mask(

@@ -105,23 +105,37 @@ def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = 
     metric = (stage1.get(cfg.data.target) or next(iter(stage2.values()), {})).get("reported_metric", "accuracy")
     how = " (predictions by label likelihood)" if cfg.data.eval_mode == "likelihood" else ""
     lines = [f"Target {cfg.data.target}: {metric} of the best-validation prompt{how}"]
-    lines.append(f"  {'run':<24}{'validation':>12}{'test':>10}")
+    lines.append(f"  {'run':<24}{'validation':>12}{'test':>10}  group at the best step")
     rows = [("zero-shot (no prompt)", zero_shot)] if zero_shot else []
     rows += ([("prompt tuning (Stage I)", stage1[cfg.data.target])] if cfg.data.target in stage1 else [])
-    rows += [(name + (f" ({r['spot_source']})" if "spot_source" in r else ""), r) for name, r in stage2.items()]
-    lines += [f"  {label:<24}{r['validation'][metric]:>12.3f}{r['test'][metric]:>10.3f}" for label, r in rows]
+    rows += list(stage2.items())
+    lines += [f"  {label:<24}{r['validation'][metric]:>12.3f}{r['test'][metric]:>10.3f}  {_group_cell(r)}"
+              for label, r in rows]
     if stage1:  # sources are scored on validation only (they have no test split)
         lines.append("Stage-I best validation score per task: " + ", ".join(
             f"{t} {r['validation'][r['reported_metric']]:.3f}" for t, r in stage1.items()))
-    if share:
-        relations = {name: task_relation(name) for name in share}
-        lines.append("DTVG: share of steps each source was in the group")
-        lines += [f"  {name:<16}{fraction:>6.0%}  {relations[name]}" for name, fraction in share.items()]
+    shares = {name: selection_share(out / "stage2" / name / "group_trace.jsonl", cfg.data.sources)
+              for name in stage2 if name == "dtvg" or name.startswith("dtvg-")}
+    shares = {name: value for name, value in shares.items() if value}
+    if shares:
+        lines.append("Share of Stage-II steps each source was in the group")
+        lines.append(f"  {'source':<16}" + "".join(f"{name:>16}" for name in shares) + "  relation")
+        lines += [f"  {source:<16}" + "".join(f"{value[source]:>16.0%}" for value in shares.values())
+                  + f"  {task_relation(source)}" for source in cfg.data.sources]
     if spans:
         shown = spans if len(spans) <= max_spans else [spans[round(i * (len(spans) - 1) / (max_spans - 1))] for i in range(max_spans)]
         lines.append(f"DTVG group over time ({len(spans)} stretches" + ("" if shown is spans else f", {max_spans} shown") + "):")
         lines += [f"  steps {g['first_step']:>5}-{g['last_step']:<5} {', '.join(g['group']) or '(target only)'}" for g in shown]
     return results, "\n".join(lines)
+
+
+def _group_cell(result: dict) -> str:
+    """What a row merged at its best step: the group (Stage II), SPoT's source, or nothing."""
+    if "spot_source" in result:
+        return f"starts from {result['spot_source']}"
+    if "group_at_best" in result:
+        return ", ".join(result["group_at_best"]) or "(target only)"
+    return "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["data.sources=[emb_help_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
+QUICK = ["model.name_or_path=embedded:t5", "data.target=emb_target",  # the random tiny world, not the default
+         "data.sources=[emb_help_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
          "stage1.steps=4", "stage1.eval_every=2", "stage2.steps=2", "stage2.eval_every=2",
          "stage2.strategies=[dtvg]", "data.max_target_length=4", "run.progress=false", "run.tracking=false"]
 
@@ -37,6 +38,7 @@ def assert_one_clear_error(result: subprocess.CompletedProcess, message: str) ->
         (["data.target=rte_typo"], "unknown task 'rte_typo'"),
         (["data.sources=[emb_help_a,nope]"], "unknown task 'nope'"),
         (["model.name_or_path=./no/such/model"], "model path not found: ./no/such/model"),
+        (["model.name_or_path=controlled:t5"], "controlled:t5 knows the controlled world's tasks only"),
         (["data.split_overrides=[rte.validation=validation]"], "names rte, not a task of this run"),
         (["prompt.length=100"], "prompt.length=100 needs that many distinct embedding rows, but P_init is drawn from 80"),
     ],

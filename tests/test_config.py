@@ -12,10 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_are_the_embedded_default():
     cfg = Config()
-    assert cfg.model.name_or_path == "embedded:t5"
-    assert cfg.data.target == "emb_target" and len(cfg.data.sources) == 6
-    assert cfg.stage2.strategies == ["dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"]
+    assert cfg.model.name_or_path == "controlled:t5"  # pretrained here on its own task family
+    assert cfg.data.target == "ctl_target" and len(cfg.data.sources) == 6
+    assert cfg.stage2.strategies == ["dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot",
+                                     "dtvg-transfer"]
     assert cfg.stage2.threshold == 0.0 and cfg.stage2.kc_weight is None
+    with_presets = ["dtvg-centered", "fixed_group-transfer"]  # a merging strategy may carry a preset
+    assert build_config({"stage2.strategies": with_presets}).stage2.strategies == with_presets
 
 
 def test_overrides_yaml_values_and_shorthand(tmp_path):
@@ -35,6 +38,8 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
     [
         ({"stage2.treshold": 0.1}, "did you mean stage2.threshold"),
         ({"stage2.strategies": ["dtvg", "magic"]}, "unknown strategy 'magic'"),
+        ({"stage2.strategies": ["dtvg-best"]}, "strategy 'dtvg-best': unknown preset 'best'; known: paper, centered"),
+        ({"stage2.strategies": ["spot-transfer"]}, "a preset applies to merging strategies"),
         ({"prompt.length": "long"}, "must be an integer"),
         ({"run.resume": "yes"}, "true or false"),
         ({"stage1.steps": 0}, "stage1.steps must be an integer >= 1, got 0"),

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from dtvg_scale import controlled, tasks
 from dtvg_scale.config import DataArgs
@@ -92,3 +93,27 @@ def test_llama_pretraining_format_is_the_pipelines(tmp_path):
                                                                          tok.eos_token_id]
     model = controlled._make_model("llama", tok, controlled.PretrainConfig(d_model=32, d_ff=64))
     assert not model.config.is_encoder_decoder and model.config.vocab_size >= len(tok)
+
+
+def test_the_controlled_backbone_is_pretrained_once_and_reused(tmp_path, monkeypatch):
+    """``model.name_or_path=controlled:t5`` (the default): pretrained into the cache on first use
+    (here with a few-step config: the real one's quality is docs/results.md's), complete or not
+    there at all, and reused after that without pretraining again."""
+    from dtvg_scale.backbone import BackboneError, is_decoder_only, resolve_model_path
+
+    small = controlled.PretrainConfig(d_model=32, num_heads=4, d_ff=64, steps=3, batch_size=8, n_examples=64)
+    monkeypatch.setitem(controlled.PRETRAINED, "t5", small)
+    folder = Path(resolve_model_path("controlled:t5", tmp_path, 0, 0))
+    stamp = json.loads((folder / controlled.STAMP).read_text())
+    assert stamp["family"] == "t5" and stamp["config"]["steps"] == 3
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind
+
+    def pretrain_again(*args, **kwargs):
+        raise AssertionError("pretrained a second time")
+
+    monkeypatch.setattr(controlled, "pretrain", pretrain_again)
+    assert Path(resolve_model_path("controlled:t5", tmp_path, 0, 0)) == folder
+    assert not is_decoder_only("controlled:t5") and is_decoder_only("controlled:llama")
+    with pytest.raises(BackboneError, match="use controlled:t5 or controlled:llama"):
+        resolve_model_path("controlled:gpt", tmp_path, 0, 0)

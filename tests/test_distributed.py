@@ -18,6 +18,7 @@ DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 
 # Small but real: 2 sources, every strategy, evaluation and checkpoints on the way.
 TINY = [
+    "model.name_or_path=embedded:t5", "data.target=emb_target",  # the random tiny world, not the default
     "data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=128", "data.embedded_eval_size=32",
     "stage1.steps=24", "stage1.eval_every=12", "stage1.log_every=4",
     "stage2.steps=12", "stage2.eval_every=6", "stage2.log_every=4", "stage2.batch_size=16",
@@ -65,11 +66,13 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     # LLaMA ranks the sources by transfer: forward passes through the ZeRO-3 engine before training
     transfer = ["stage2.ranking=transfer"] if family == "llama" else []
     result = launch("dtvg_scale/train.py", "--ds_config", "ds_configs/zero3.json",
-                    f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *TINY, *tracked, *transfer)
+                    *TINY, f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *tracked, *transfer)
     _check(result)
-    assert "DTVG group over time" in result.stdout and "share of steps" in result.stdout
+    assert "DTVG group over time" in result.stdout and "Share of Stage-II steps" in result.stdout
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["stage2"]) == {"dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"}
+    assert set(summary["stage2"]) == {"dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot",
+                                      "dtvg-transfer"}  # the default strategies: the paper's six, DTVG by transfer
+    assert summary["stage2"]["dtvg-transfer"]["preset"] == "transfer" and "dtvg-transfer" in result.stdout
     assert set(summary["stage1"]) == {"emb_target", "emb_help_a", "emb_conf_a"}
     # Stage I learns: the loss of the target's prompt goes down
     losses = _losses(out / "stage1" / "emb_target" / "metrics.jsonl")
@@ -85,11 +88,14 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     assert all(group == fixed[0] for group in fixed)
     assert not (out / "stage2" / "spot" / "group_trace.jsonl").exists()
     assert json.loads((out / "stage2" / "target_only" / "group_trace.jsonl").read_text().splitlines()[0])["group"] == []
-    if transfer:  # the measured gains rank the sources at every step (the ranks agreed: check_rank_agreement)
-        gains = json.loads((out / "stage2" / "dtvg" / "transfer.json").read_text())
+    # the measured gains rank the sources at every step (the ranks agreed: check_rank_agreement), in
+    # dtvg-transfer and, with stage2.ranking=transfer for the whole job (LLaMA), in dtvg too
+    for run in ["dtvg-transfer", *(["dtvg"] if transfer else [])]:
+        gains = json.loads((out / "stage2" / run / "transfer.json").read_text())
         assert gains["examples"] == 128 and set(gains["sources"]) == {"emb_help_a", "emb_conf_a"}
-        for row in trace:
+        for row in map(json.loads, (out / "stage2" / run / "group_trace.jsonl").read_text().splitlines()):
             assert row["similarity"] == pytest.approx({k: v["gain"] for k, v in gains["sources"].items()})
+    assert (out / "stage2" / "dtvg" / "transfer.json").exists() == bool(transfer)
     if tracked:  # one MLflow run per Stage-I task and Stage-II strategy, in sqlite beside the run folder
         from mlflow.tracking import MlflowClient
 
@@ -104,6 +110,9 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
         assert {r.data.tags["mlflow.parentRunId"] for r in children} == {job.info.run_id}
         assert {r.info.status for r in runs} == {"FINISHED"}
         assert job.data.metrics["test_dtvg"] == summary["stage2"]["dtvg"]["test"]["accuracy"]
+        assert job.data.metrics["test_dtvg-transfer"] == summary["stage2"]["dtvg-transfer"]["test"]["accuracy"]
+        by_transfer = next(r for r in runs if r.info.run_name == "run/stage2/dtvg-transfer")
+        assert by_transfer.data.params["stage2.ranking"] == "transfer"  # the run's own knobs, its preset's included
         dtvg = next(r for r in runs if r.info.run_name == "run/stage2/dtvg")
         assert dtvg.data.metrics["final_test"] == summary["stage2"]["dtvg"]["test"]["accuracy"]
         assert dtvg.data.tags["group"] == ", ".join(summary["stage2"]["dtvg"]["group_at_best"]) or "(target only)"

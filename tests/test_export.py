@@ -11,7 +11,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["data.sources=[emb_help_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
+QUICK = ["model.name_or_path=embedded:t5", "data.target=emb_target",  # the random tiny world, not the default
+         "data.sources=[emb_help_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
          "stage1.steps=6", "stage1.eval_every=3", "stage2.steps=4", "stage2.eval_every=2",
          "stage2.strategies=[dtvg]", "data.max_target_length=4", "run.progress=false", "run.tracking=false"]
 
@@ -39,7 +40,7 @@ def export_here(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module", params=["embedded:t5", "embedded:llama"])
 def trained(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "job"
-    result = run(["dtvg_scale/train.py"], f"run.output_dir={out}", f"model.name_or_path={request.param}", *QUICK)
+    result = run(["dtvg_scale/train.py"], f"run.output_dir={out}", *QUICK, f"model.name_or_path={request.param}")
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

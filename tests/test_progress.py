@@ -78,7 +78,8 @@ def test_a_redirected_job_writes_a_small_log(tmp_path):
     """train.py with stderr and stdout in a file (as under slurm): the progress of every run is a
     few lines, transformers' loading bars are gone, and the summary is there."""
     log_path = tmp_path / "job.log"
-    args = [f"run.output_dir={tmp_path / 'run'}", "data.sources=[emb_help_a]", "data.embedded_train_size=64",
+    args = [f"run.output_dir={tmp_path / 'run'}", "model.name_or_path=embedded:t5", "data.target=emb_target",
+            "data.sources=[emb_help_a]", "data.embedded_train_size=64",
             "data.embedded_eval_size=16", "stage1.steps=40", "stage1.eval_every=20", "stage2.steps=20",
             "stage2.eval_every=10", "stage2.strategies=[dtvg,target_only]", "data.max_target_length=4",
             "run.tracking=false"]  # run.progress stays on: the default

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"the real GLUE/SuperGLUE files are not at {DATA}")
-QUICK = [f"data.local_dir={DATA}", "data.max_train_samples=64", "data.max_eval_samples=16", "stage1.steps=6",
+QUICK = ["model.name_or_path=embedded:t5", f"data.local_dir={DATA}", "data.max_train_samples=64", "data.max_eval_samples=16", "stage1.steps=6",
          "stage1.eval_every=3", "stage2.steps=4", "stage2.eval_every=2", "data.max_target_length=4",
          "stage2.strategies=[dtvg,all_sources]", "run.progress=false", "run.tracking=false"]
 

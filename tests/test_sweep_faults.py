@@ -20,7 +20,8 @@ from test_slurm import TUNE, dry_run, node_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
-TRIAL = ["data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
+TRIAL = ["model.name_or_path=embedded:t5", "data.target=emb_target",  # the random tiny world, not the default
+         "data.sources=[emb_help_a,emb_conf_a]", "data.embedded_train_size=64", "data.embedded_eval_size=16",
          "stage1.steps=6", "stage1.eval_every=3", "stage2.steps=40", "stage2.eval_every=10",
          "data.max_target_length=4", "run.tracking=false"]
 

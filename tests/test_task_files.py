@@ -86,7 +86,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_task_files_train_as_target_and_as_source(tmp_path):
     """Both stages: movie_reviews (a task file) is the target, paraphrases (another) a source."""
     out = tmp_path / "run"
-    result = run(f"run.output_dir={out}", f"data.task_files=[{SHIPPED[0]},{SHIPPED[1]}]", "data.target=movie_reviews",
+    result = run(f"run.output_dir={out}", "model.name_or_path=embedded:t5",
+                 f"data.task_files=[{SHIPPED[0]},{SHIPPED[1]}]", "data.target=movie_reviews",
                  "data.sources=[paraphrases]", "data.max_train_samples=64", "data.max_eval_samples=16",
                  "stage1.steps=6", "stage1.eval_every=3", "stage2.steps=4", "stage2.eval_every=2",
                  "stage2.strategies=[dtvg]", "data.max_target_length=4", "run.progress=false", "run.tracking=false")

@@ -20,7 +20,8 @@ from dtvg_scale.checkpoint import load_tensors
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 DEEPSPEED = str(VENV / "bin" / "deepspeed")
-ARGS = ["data.sources=[]", "run.stages=stage1", "data.embedded_train_size=128", "data.embedded_eval_size=16",
+ARGS = ["model.name_or_path=embedded:t5", "data.target=emb_target",  # the random tiny world, not the default
+        "data.sources=[]", "run.stages=stage1", "data.embedded_train_size=128", "data.embedded_eval_size=16",
         "stage1.steps=30", "stage1.eval_every=5", "stage1.batch_size=16", "data.max_target_length=4",
         "run.progress=false", "run.tracking=false", "run.check_rank_agreement=true"]
 RUN = Path("stage1") / "emb_target"

@@ -52,13 +52,13 @@ VARIANTS = {  # name -> (strategy, Stage-II overrides); each reuses the seed's S
 }
 DEFAULT_VARIANTS = [name for name in VARIANTS if name != "dtvg_preset_centered"]
 FULL = dict(pretrain=controlled.PretrainConfig(), stage1_steps=200, stage2_steps=150, eval_every=50, eval_size=128)
-QUICK = dict(pretrain=controlled.PretrainConfig(d_model=64, num_layers=2, d_ff=256, steps=250, batch_size=64),
+QUICK = dict(pretrain=controlled.PRETRAINED["t5"],  # the backbone of model.name_or_path=controlled:t5
              stage1_steps=80, stage2_steps=40, eval_every=40, eval_size=64)
 # A tiny LLaMA sits on a loss plateau (label at chance) for ~500 steps before it learns the
 # rules: the quick T5 settings leave it at 0.50 held-out, the full ones (2 layers) at 0.77
 # (0.72 with 1600 steps); 4 layers and 1200 steps reach 0.80 (~8 min on a shared CPU). Used
 # in the quick setting too: a backbone at chance makes every prompt-tuning number meaningless.
-LLAMA_PRETRAIN = controlled.PretrainConfig(num_layers=4, steps=1200)
+LLAMA_PRETRAIN = controlled.PRETRAINED["llama"]
 
 
 def setting(quick: bool, family: str) -> dict:
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_seed(out, str(out / "backbone"), seed, s, variants, args.strategies, offset)
                 print(f"{run_name(seed, offset)} done at {time.time() - t0:.0f} s", flush=True)
     summary = analyse(out, args.seeds, variants, tuple(args.init_offsets))
-    summary["backbone"] = read_json(out / "backbone" / "controlled_pretrain.json")
+    summary["backbone"] = read_json(out / "backbone" / controlled.STAMP)
     summary["seconds"] = round(time.time() - t0, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     command = "python benchmarks/controlled/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
