@@ -265,7 +265,7 @@ class Stage2Args(LoopArgs):
             raise ConfigError("stage2.selection=top_k needs stage2.top_k (an integer >= 1)")
         for name in self.strategies:
             try:
-                split_strategy(name, tuple(PRESETS))
+                split_strategy(name)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
         if not self.strategies:

@@ -47,7 +47,6 @@ from dtvg_scale.evaluate import generate_predictions  # noqa: E402
 from dtvg_scale.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.stages import Pipeline  # noqa: E402
 from dtvg_scale.strategies import STRATEGIES, split_strategy  # noqa: E402
-from dtvg_scale.variants import PRESETS  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             load_config(str(Path(run) / "config.yaml"), [*args.overrides, f"run.output_dir={run}"])  # ranges, folders
         for name in args.strategies:
             try:
-                split_strategy(name, tuple(PRESETS))
+                split_strategy(name)
             except ValueError as err:
                 raise ConfigError(f"--strategies: {err}") from None
         if any(p.is_file() for p in Path(args.out).resolve().parents) or Path(args.out).with_suffix(".md").is_dir():

@@ -30,7 +30,7 @@ from dtvg_scale import controlled, tasks
 from dtvg_scale.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
                                  read_embedding_rows, resolve_model_path)
 from dtvg_scale.checkpoint import load_tensors, save_tensors
-from dtvg_scale.config import Config, ConfigError, LoopArgs
+from dtvg_scale.config import Config, ConfigError, LoopArgs, Stage2Args
 from dtvg_scale.data import encode_examples, encode_targets
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
@@ -206,7 +206,7 @@ class Pipeline:
         tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
         stage, _, name = spec.name.partition("/")
         params = self.cfg.to_dict()
-        if spec.name.startswith("stage2/"):  # this run's own Stage-II knobs (a strategy's preset changes some)
+        if isinstance(loop, Stage2Args):  # this run's own Stage-II knobs (a strategy's preset changes some)
             params["stage2"] = dataclasses.asdict(loop)
         tracker.start(f"{Path(run.output_dir).name}/{spec.name}", flatten(params),
                       tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)},
@@ -358,7 +358,7 @@ class Pipeline:
             if cfg.run.resume and (done := self._done(out_dir)):
                 results[run_name] = done
                 continue
-            strategy, preset = split_strategy(run_name, tuple(PRESETS))
+            strategy, preset = split_strategy(run_name)
             loop = cfg.stage2 if preset is None else dataclasses.replace(cfg.stage2, **PRESETS[preset])
             backbone, ds_config = self.load(loop)
             p_init = self.init_prompt(backbone).float()

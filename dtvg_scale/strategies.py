@@ -18,12 +18,11 @@ strategy with that preset's knobs over the job's, run beside the others from the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from dtvg_scale.grouping import GroupDecision
+from dtvg_scale.variants import PRESETS
 
 STRATEGIES: tuple[str, ...] = ("dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot")
 MERGING_STRATEGIES: tuple[str, ...] = tuple(s for s in STRATEGIES if s != "spot")
@@ -37,7 +36,7 @@ def check_strategy(name: str) -> None:
         raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}")
 
 
-def split_strategy(name: str, presets: Sequence[str]) -> tuple[str, str | None]:
+def split_strategy(name: str) -> tuple[str, str | None]:
     """``"dtvg-transfer"`` -> ``("dtvg", "transfer")``; ``"dtvg"`` -> ``("dtvg", None)``. Raises
     ValueError naming what is known when the strategy, the preset or the pair is not."""
     strategy, separator, preset = name.partition(PRESET_SEPARATOR)
@@ -46,8 +45,8 @@ def split_strategy(name: str, presets: Sequence[str]) -> tuple[str, str | None]:
         return strategy, None
     if strategy not in MERGING_STRATEGIES:
         raise ValueError(f"strategy {name!r}: a preset applies to merging strategies ({', '.join(MERGING_STRATEGIES)})")
-    if preset not in presets:
-        raise ValueError(f"strategy {name!r}: unknown preset {preset!r}; known: {', '.join(presets)}")
+    if preset not in PRESETS:
+        raise ValueError(f"strategy {name!r}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     return strategy, preset
 
 
