@@ -56,6 +56,30 @@ def import_deepspeed() -> None:
     finally:
         if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
             del sys.modules["mlflow"]
+    skip_muon_import()
+
+
+def skip_muon_import() -> None:
+    """Every ZeRO engine DeepSpeed builds imports its Muon optimizer, and ZeRO-1/2 its Muon update,
+    only to ask whether ours is Muon (``isinstance(optimizer, MuonWithAuxAdam)``, a parameter's
+    ``use_muon``); those modules decorate kernels with ``torch.compile``, which imports torch's
+    inductor: ~1.7 s of CPU at every rank's start. This package always hands DeepSpeed its own
+    torch optimizer (a ds_config optimizer is refused), so stand-in modules give every such check
+    its answer: a class nothing is an instance of, an update that is never called."""
+    import types
+
+    class MuonWithAuxAdam:  # never instantiated
+        pass
+
+    def muon_update(*args, **kwargs):
+        raise RuntimeError("dtvg_scale stands in for DeepSpeed's Muon, which it never uses")
+
+    for name, attribute in (("deepspeed.runtime.zero.muon.muon_optimizer", MuonWithAuxAdam),
+                            ("deepspeed.runtime.zero.muon.original_muon", muon_update)):
+        if name not in sys.modules:
+            stand_in = types.ModuleType(name, "stand-in: dtvg_scale never uses DeepSpeed's Muon")
+            setattr(stand_in, attribute.__name__, attribute)
+            sys.modules[name] = stand_in
 
 
 # On the CPU, DeepSpeed compiles a shared-memory all-reduce op (deepspeed_shm_comm, ~30 s) the

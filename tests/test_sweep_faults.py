@@ -1,10 +1,12 @@
 """The Ray side of slurm/tune.sbatch, for real, on one machine, under faults: the head and worker
 commands its dry run prints become a two-node Ray cluster here ("localhost" and "127.0.0.1", one
 CPU each), the sweep attaches with `--address auto`, one trial's worker is killed (a crashed
-trial), then the sweep's driver is killed with `kill -9`; the same command started again
+trial), the last trial is held mid-run (SIGSTOP: trials take seconds here, Tune saves its state
+every ~10 s), then the sweep's driver is killed with `kill -9`; the same command started again
 continues where it stopped. Trials ran on both nodes, the crash is listed, no MLflow run is left
 RUNNING, and trials that had finished were not run again."""
 
+import contextlib
 import json
 import os
 import signal
@@ -37,11 +39,17 @@ def wait_for(condition, what: str, timeout: float = 300, every: float = 0.2):
 
 def training_trial_workers(seen: dict[int, float], for_at_least: float = 3.0) -> list[int]:
     """PIDs of Tune's trial processes that have been in a trial's function for a few seconds (Ray
-    titles the process ``ray::ImplicitFunc.train`` while the function runs, ~15 s here); ``seen``
-    keeps when each was first seen so."""
+    titles the process ``ray::ImplicitFunc.train`` while the function runs, ~7 s here; each trial
+    is a new process); ``seen`` keeps, in the order the trials started, when each was first seen so."""
     found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc.train"], capture_output=True, text=True).stdout
     now = time.monotonic()
     return [int(pid) for pid in found.split() if now - seen.setdefault(int(pid), now) >= for_at_least]
+
+
+def nth_trial_worker(seen: dict[int, float], n: int) -> int | None:
+    """The PID of the n-th trial to start, once it has."""
+    training_trial_workers(seen, for_at_least=0)
+    return list(seen)[n - 1] if len(seen) >= n else None
 
 
 def finished_trials(experiment_dir: Path) -> dict[str, str]:
@@ -90,6 +98,11 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
         seen: dict[int, float] = {}
         victim = wait_for(lambda: training_trial_workers(seen), "a trial to train")[0]
         os.kill(victim, signal.SIGKILL)  # a trial crashes (an OOM kill, a segfault)
+        # the fourth trial starts once another has finished: hold it there, so that it is still
+        # running when Tune next saves its state (a trial of a few seconds could start and end
+        # between two saves, and the saved state never show a running trial: seen in CI)
+        last = wait_for(lambda: nth_trial_worker(seen, 4), "the last trial to start")
+        os.kill(last, signal.SIGSTOP)
         # kill the driver once Tune's saved state has a crashed, a finished and a running trial
         try:
             saved = wait_for(lambda: {"ERROR", "TERMINATED", "RUNNING"} <= set((state := saved_trials(experiment_dir)).values())
@@ -102,6 +115,8 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
         assert first.poll() is None, first.communicate()[0][-3000:]
         os.killpg(first.pid, signal.SIGKILL)  # the driver dies without a word
         first.communicate()
+        with contextlib.suppress(ProcessLookupError):  # Ray ends a dead driver's trials; a held one may wait
+            os.kill(last, signal.SIGKILL)
 
         again = subprocess.run(local(sweep), cwd=ROOT, env=sweep_env, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
