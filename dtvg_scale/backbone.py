@@ -14,7 +14,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import deepspeed
 import torch
@@ -168,8 +168,10 @@ class PromptedModel(nn.Module):
         # a causal LM's vocabulary projection is ~20 % of a small model's forward (SmolLM2: 49,152 x 576
         # per token) and its logits the largest activation; the loss reads them only where the next
         # token is a label, so ask transformers for those positions alone where the model allows it
-        self.keeps_label_logits = not is_encoder_decoder and "logits_to_keep" in inspect.signature(
-            backbone.forward).parameters
+        parameters = inspect.signature(backbone.forward).parameters
+        self.keeps_label_logits = not is_encoder_decoder and "logits_to_keep" in parameters
+        # the key/value cache's name, argument and output alike (transformers 5.24 renamed it)
+        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
 
     def prepend(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         embeds = self.backbone.get_input_embeddings()(input_ids)
@@ -224,6 +226,49 @@ class PromptedModel(nn.Module):
         losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
                                                    reduction="none")
         return losses.sum(dim=1), (labels != -100).sum(dim=1)
+
+    @torch.no_grad()
+    def label_losses(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor,
+                     label_ids: Sequence[Sequence[int]]) -> Tensor:
+        """With a given (frozen) prompt: each label's summed token cross-entropy after each input,
+        [B, L]; inputs right-padded, labels tokenised as training encodes targets. The input is read
+        once and shared by the labels: T5's encoder output, a causal LM's key/value cache over
+        prompt and input. The numbers of ``example_losses`` on every (example, label) pair up to
+        float rounding, for about 1/L of the compute (evaluation by likelihood was most of a real
+        backbone's Stage-II time)."""
+        batch, num_labels = input_ids.shape[0], len(label_ids)
+        width = max(len(ids) for ids in label_ids)
+        targets = input_ids.new_full((num_labels, width), -100)
+        for row, ids in enumerate(label_ids):
+            targets[row, :len(ids)] = torch.tensor(list(ids), dtype=targets.dtype)
+        targets = targets.repeat(batch, 1)  # row b * L + l: label l after input b
+        inputs = self.prepend(prompt_rows, input_ids, attention_mask)
+        mask = inputs["attention_mask"].repeat_interleave(num_labels, dim=0)
+        if self.is_encoder_decoder:
+            encoded = self.backbone.get_encoder()(inputs_embeds=inputs["inputs_embeds"],
+                                                  attention_mask=inputs["attention_mask"])
+            shared = encoded.last_hidden_state.repeat_interleave(num_labels, dim=0)
+            logits = self.backbone(encoder_outputs=(shared,), attention_mask=mask, labels=targets).logits
+        else:
+            # the first label token is scored by the input's last token, the others by the labels'
+            # own tokens read on top of the cache; right padding: a row's last token is at len - 1
+            last = inputs["attention_mask"].sum(dim=1) - 1
+            keep, where = torch.unique(last, return_inverse=True)
+            extra = {"logits_to_keep": keep} if self.keeps_label_logits else {}
+            prefix = self.backbone(**inputs, use_cache=True, **extra)
+            first = prefix.logits[torch.arange(batch, device=last.device), where if extra else last]
+            logits = first.repeat_interleave(num_labels, dim=0).unsqueeze(1)
+            if width > 1:
+                cache = prefix[self.cache_name]
+                cache.batch_repeat_interleave(num_labels)
+                following = targets[:, :-1]
+                positions = (last + 1).repeat_interleave(num_labels).unsqueeze(1) + torch.arange(width - 1, device=last.device)
+                rest = self.backbone(input_ids=following.clamp(min=0), position_ids=positions, **{self.cache_name: cache},
+                                     attention_mask=torch.cat([mask, (following != -100).long()], dim=1)).logits
+                logits = torch.cat([logits, rest], dim=1)
+        losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                                                   reduction="none")
+        return losses.sum(dim=1).view(batch, num_labels)
 
     @torch.no_grad()
     def generate(self, prompt_rows: Tensor, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int, synced: bool):

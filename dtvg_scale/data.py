@@ -86,14 +86,18 @@ def collate_train(batch: list[EncodedExample], pad_id: int, is_encoder_decoder: 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def collate_generate(batch: list[EncodedExample], pad_id: int, is_encoder_decoder: bool) -> dict[str, Tensor]:
-    """Inputs only; decoder-only models generate after the last input token, so pad left."""
+def collate_inputs(batch: list[EncodedExample], pad_id: int, left: bool = False) -> dict[str, Tensor]:
+    """Inputs only, padded on the right unless ``left``."""
     rows = [list(e.source_ids) for e in batch]
-    left = not is_encoder_decoder
     return {
         "input_ids": _pad(rows, pad_id, left=left),
         "attention_mask": _pad([[1] * len(r) for r in rows], 0, left=left),
     }
+
+
+def collate_generate(batch: list[EncodedExample], pad_id: int, is_encoder_decoder: bool) -> dict[str, Tensor]:
+    """Inputs only; decoder-only models generate after the last input token, so pad left."""
+    return collate_inputs(batch, pad_id, left=not is_encoder_decoder)
 
 
 @lru_cache(maxsize=8)

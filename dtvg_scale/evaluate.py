@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dtvg_scale.backbone import PromptedModel
-from dtvg_scale.data import EncodedExample, collate_generate, collate_train, eval_shard
+from dtvg_scale.data import EncodedExample, collate_generate, collate_inputs, eval_shard
 
 Scorer = Callable[[list[str], Sequence], dict[str, float]]  # (predictions, examples) -> metrics incl. "mean"
 
@@ -89,23 +89,22 @@ def likelihood_predictions(
 ) -> list[str]:
     """For each example, the label whose target tokens (as training encodes them, eos included)
     have the lowest summed cross-entropy after the input: scoring by the labels' likelihood, an
-    evaluation that always yields a label (a small model may not generate one). One forward per
-    (example, label); ranks run the same number of batches (padded shards), as ZeRO-3 needs."""
+    evaluation that always yields a label (a small model may not generate one). Each input is read
+    once for all its labels (``PromptedModel.label_losses``); ranks run the same number of batches
+    (padded shards), as ZeRO-3 needs."""
     indices, valid = eval_shard(len(examples), rank, world_size)
     was_training = model.training
     model.eval()
     mine: list[tuple[int, str]] = []
-    per_batch = max(1, batch_size // len(labels))
     try:
-        for start in range(0, len(indices), per_batch):
-            chunk = indices[start:start + per_batch]
-            pairs = [EncodedExample(examples[i].source_ids, ids, text)
-                     for i in chunk for ids, text in zip(label_ids, labels, strict=True)]
-            batch = collate_train(pairs, pad_id, model.is_encoder_decoder)
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            inputs = collate_inputs([examples[i] for i in chunk], pad_id)
             device = prompt_rows.device
-            losses, _ = model.example_losses(prompt_rows, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")))
-            best = losses.view(len(chunk), len(labels)).argmin(dim=1).tolist()
-            mine += [(i, labels[b]) for i, b, ok in zip(chunk, best, valid[start:start + per_batch], strict=True) if ok]
+            losses = model.label_losses(prompt_rows, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
+                                        label_ids)
+            best = losses.argmin(dim=1).tolist()
+            mine += [(i, labels[b]) for i, b, ok in zip(chunk, best, valid[start:start + batch_size], strict=True) if ok]
     finally:
         model.train(was_training)
     return _gather_predictions(mine, len(examples), world_size)

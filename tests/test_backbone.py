@@ -125,3 +125,25 @@ def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(pro
             with torch.no_grad():
                 losses.append(float(model(**batch)[0]) * len(ids))
         assert prediction == labels[min(range(len(labels)), key=losses.__getitem__)]
+
+
+def test_label_losses_read_each_input_once_and_equal_one_forward_per_pair(prompted):
+    """The shared-input scoring (T5: one encoder pass; LLaMA: one key/value cache over prompt and
+    input) gives each (example, label) the summed loss a forward of that pair alone gives."""
+    from dtvg_scale.data import EncodedExample, collate_inputs, encode_targets
+
+    model, backbone = prompted
+    examples = encode_examples(embedded.embedded_task("emb_target", n_test=6).test, backbone.tokenizer,
+                               backbone.is_encoder_decoder, 256, 4)
+    assert len({len(e.source_ids) for e in examples}) > 1  # inputs of different lengths: padding in the middle
+    labels = ("0", "w03 w05", "1")  # labels of different lengths
+    label_ids = encode_targets(labels, backbone.tokenizer, backbone.is_encoder_decoder, 4)
+    assert len({len(ids) for ids in label_ids}) > 1
+    pad, prompt = backbone.tokenizer.pad_token_id, model.prompt.prompt.detach()
+    model.eval()
+    inputs = collate_inputs(examples, pad)
+    shared = model.label_losses(prompt, inputs["input_ids"], inputs["attention_mask"], label_ids)
+    pairs = [EncodedExample(e.source_ids, ids, text) for e in examples for ids, text in zip(label_ids, labels)]
+    batch = collate_train(pairs, pad, backbone.is_encoder_decoder)
+    alone, _ = model.example_losses(prompt, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    torch.testing.assert_close(shared, alone.view(len(examples), len(labels)), rtol=1e-5, atol=1e-5)
