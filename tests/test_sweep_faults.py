@@ -37,18 +37,31 @@ def wait_for(condition, what: str, timeout: float = 300, every: float = 0.2):
     return value
 
 
-def training_trial_workers(seen: dict[int, float], for_at_least: float = 3.0) -> list[int]:
-    """PIDs of Tune's trial processes that have been in a trial's function for a few seconds (Ray
+def training_trial_workers(seen: dict[int, float], nodes: set[int], for_at_least: float = 3.0) -> list[int]:
+    """PIDs of Tune's trial processes under the ``ray start`` processes ``nodes`` (not a trial of
+    another test's Ray still exiting) that have been in a trial's function for a few seconds (Ray
     titles the process ``ray::ImplicitFunc.train`` while the function runs, ~7 s here; each trial
     is a new process); ``seen`` keeps, in the order the trials started, when each was first seen so."""
     found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc.train"], capture_output=True, text=True).stdout
     now = time.monotonic()
-    return [int(pid) for pid in found.split() if now - seen.setdefault(int(pid), now) >= for_at_least]
+    ours = [int(pid) for pid in found.split() if ancestors(int(pid)) & nodes]
+    return [pid for pid in ours if now - seen.setdefault(pid, now) >= for_at_least]
 
 
-def nth_trial_worker(seen: dict[int, float], n: int) -> int | None:
+def ancestors(pid: int) -> set[int]:
+    found = set()
+    while pid > 1:
+        try:  # /proc/<pid>/stat: "pid (name) state ppid ..."
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        found.add(pid)
+    return found
+
+
+def nth_trial_worker(seen: dict[int, float], nodes: set[int], n: int) -> int | None:
     """The PID of the n-th trial to start, once it has."""
-    training_trial_workers(seen, for_at_least=0)
+    training_trial_workers(seen, nodes, for_at_least=0)
     return list(seen)[n - 1] if len(seen) >= n else None
 
 
@@ -96,12 +109,13 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
         experiment_dir = out / "ray" / f"dtvg-sweep-{out.name}"
         seen: dict[int, float] = {}
-        victim = wait_for(lambda: training_trial_workers(seen), "a trial to train")[0]
+        cluster = {node.pid for node in nodes}
+        victim = wait_for(lambda: training_trial_workers(seen, cluster), "a trial to train")[0]
         os.kill(victim, signal.SIGKILL)  # a trial crashes (an OOM kill, a segfault)
         # the fourth trial starts once another has finished: hold it there, so that it is still
         # running when Tune next saves its state (a trial of a few seconds could start and end
         # between two saves, and the saved state never show a running trial: seen in CI)
-        last = wait_for(lambda: nth_trial_worker(seen, 4), "the last trial to start")
+        last = wait_for(lambda: nth_trial_worker(seen, cluster, 4), "the last trial to start")
         os.kill(last, signal.SIGSTOP)
         # kill the driver once Tune's saved state has a crashed, a finished and a running trial
         try:
