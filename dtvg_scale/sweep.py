@@ -138,7 +138,10 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
 
     node = ray.get_runtime_context().get_node_id()  # which Ray node ran the trial (best.json lists it)
 
+    reported: list[int] = []
+
     def report(step: int, scores: dict[str, float]) -> None:
+        reported.append(step)
         metrics = {"validation_mean": scores["mean"], "step": step, "node": node,
                    **{f"validation_{k}": v for k, v in scores.items() if k != "mean"}}
         if one_rank:
@@ -152,10 +155,22 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     Pipeline(ctx, cfg, settings["ds_config"], on_evaluate=report).stage2()
+    if not reported:
+        # a trial started again after its last evaluation (its sweep was killed between the trial's
+        # last checkpoint and Tune recording its end) resumes with nothing left to evaluate; Tune
+        # needs a result with the metric (else the whole sweep stops), so the last one is said again
+        report(*last_evaluation(run_dir / "stage2" / "dtvg" / "metrics.jsonl"))
     if ctx.is_main:
         trace = run_dir / "stage2" / "dtvg" / "group_trace.jsonl"
         group_trace_heatmap(trace, trial_dir / "group_trace_heatmap.png")
         similarity_over_time(trace, trial_dir / "similarity_over_time.png")
+
+
+def last_evaluation(metrics_path: Path) -> tuple[int, dict[str, float]]:
+    """The step and validation scores of a run's last evaluation (its ``metrics.jsonl``)."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    last = [row for row in rows if "validation" in row][-1]
+    return last["step"], last["validation"]
 
 
 def run_stage2_on_ranks(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:

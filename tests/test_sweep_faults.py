@@ -44,8 +44,17 @@ def training_trial_workers(seen: dict[int, float], nodes: set[int], for_at_least
     is a new process); ``seen`` keeps, in the order the trials started, when each was first seen so."""
     found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc.train"], capture_output=True, text=True).stdout
     now = time.monotonic()
-    ours = [int(pid) for pid in found.split() if ancestors(int(pid)) & nodes]
+    # a trial process is a raylet's child: a child that a trial forks carries its title until it execs
+    ours = [int(pid) for pid in found.split() if parent_name(int(pid)) == "raylet" and ancestors(int(pid)) & nodes]
     return [pid for pid in ours if now - seen.setdefault(pid, now) >= for_at_least]
+
+
+def parent_name(pid: int) -> str:
+    try:
+        parent = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]
+        return Path(f"/proc/{parent}/comm").read_text().strip()
+    except (OSError, IndexError):
+        return ""
 
 
 def ancestors(pid: int) -> set[int]:
