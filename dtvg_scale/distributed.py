@@ -63,7 +63,7 @@ def skip_muon_import() -> None:
     """Every ZeRO engine DeepSpeed builds imports its Muon optimizer, and ZeRO-1/2 its Muon update,
     only to ask whether ours is Muon (``isinstance(optimizer, MuonWithAuxAdam)``, a parameter's
     ``use_muon``); those modules decorate kernels with ``torch.compile``, which imports torch's
-    inductor: ~1.7 s of CPU at every rank's start. This package always hands DeepSpeed its own
+    inductor: about a second of CPU at every rank's start. This package always hands DeepSpeed its own
     torch optimizer (a ds_config optimizer is refused), so stand-in modules give every such check
     its answer: a class nothing is an instance of, an update that is never called."""
     import types
