@@ -45,27 +45,28 @@ def training_trial_workers(seen: dict[int, float], nodes: set[int], for_at_least
     found = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc.train"], capture_output=True, text=True).stdout
     now = time.monotonic()
     # a trial process is a raylet's child: a child that a trial forks carries its title until it execs
-    ours = [int(pid) for pid in found.split() if parent_name(int(pid)) == "raylet" and ancestors(int(pid)) & nodes]
+    ours = [pid for pid in map(int, found.split())
+            if (chain := ancestors(pid)) and process_name(chain[0]) == "raylet" and nodes.intersection(chain)]
     return [pid for pid in ours if now - seen.setdefault(pid, now) >= for_at_least]
 
 
-def parent_name(pid: int) -> str:
-    try:
-        parent = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]
-        return Path(f"/proc/{parent}/comm").read_text().strip()
-    except (OSError, IndexError):
-        return ""
-
-
-def ancestors(pid: int) -> set[int]:
-    found = set()
+def ancestors(pid: int) -> list[int]:
+    """The PIDs from ``pid``'s parent up to init."""
+    chain = []
     while pid > 1:
         try:  # /proc/<pid>/stat: "pid (name) state ppid ..."
             pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
         except (OSError, ValueError, IndexError):
             break
-        found.add(pid)
-    return found
+        chain.append(pid)
+    return chain
+
+
+def process_name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def nth_trial_worker(seen: dict[int, float], nodes: set[int], n: int) -> int | None:
