@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import golden
 import pytest
 
 from dtvg_scale import controlled, tasks
@@ -78,6 +79,10 @@ def test_quick_benchmark_dtvg_group(tmp_path):
     assert all((row["precision"], row["recall"]) == (1.0, 1.0) for row in transfer["trace"])
     assert transfer["sims"]["helpful"]["last"] > transfer["sims"]["unrelated"]["last"] > transfer["sims"]["conflicting"]["last"]
     assert (out / "plots").is_dir() and any((out / "plots").glob("*.png"))
+    # every score and every step's similarities and group of the three runs, as pinned (tests/golden)
+    traces = {name: golden.read_jsonl(Path(run["dir"]) / "group_trace.jsonl")
+              for name, (run,) in summary["group"].items()}
+    golden.check({"scores": summary["scores"], "group_traces": traces}, "controlled_quick")
 
 
 def test_llama_pretraining_format_is_the_pipelines(tmp_path):

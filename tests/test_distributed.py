@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import golden
 import pytest
 import torch
 
@@ -32,8 +33,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(script: str, *args: str, ranks: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+def launch(script: str, *args: str, ranks: int = 2, timeout: int = 600, threads: int | None = None
+           ) -> subprocess.CompletedProcess:
+    """``threads``: OMP_NUM_THREADS of every rank (a golden result depends on it: sums split
+    across threads add up in another order); unset, each rank takes its share of the cores."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+           **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     command = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(_free_port()), script, *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return result
@@ -66,8 +71,11 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
     # LLaMA ranks the sources by transfer: forward passes through the ZeRO-3 engine before training
     transfer = ["stage2.ranking=transfer"] if family == "llama" else []
     result = launch("dtvg_scale/train.py", "--ds_config", "ds_configs/zero3.json",
-                    *TINY, f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *tracked, *transfer)
+                    *TINY, f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *tracked, *transfer,
+                    threads=1)
     _check(result)
+    # every score and every step's group decision as pinned (tests/golden: a refactor keeps them)
+    golden.check(golden.snapshot(out), f"two_ranks_{family}")
     assert "DTVG group over time" in result.stdout and "Share of Stage-II steps" in result.stdout
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["stage2"]) == {"dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot",

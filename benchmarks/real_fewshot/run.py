@@ -45,7 +45,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -203,7 +202,7 @@ def run_target(seed_dir: Path, args: list[str], source_stage1: Path, target: str
                sources: tuple[str, ...], variants: list[str], s: Settings, zero_shot: bool) -> None:
     base = seed_dir / f"{target}_k{k}"
     main = base / "main"
-    log = seed_dir / "train.log"
+    log = base / "train.log"  # per target: two targets of a seed may run side by side
     target_args = [*args, f"data.target={target}", f"data.sources=[{','.join(sources)}]", f"data.k_shot={k}",
                    *([f"data.max_eval_samples={s.target_eval_cap}"] if s.target_eval_cap else [])]
     link_sources(source_stage1, main / "stage1", sources)
@@ -218,18 +217,30 @@ def run_target(seed_dir: Path, args: list[str], source_stage1: Path, target: str
                    f"run.stage1_dir={main / 'stage1'}", f"stage2.strategies=[{strategy}]"], log)
 
 
-def run_seed(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, t0: float, backbone: str,
-             seed: int) -> None:
-    seed_dir = out / f"seed{seed}"
+def run_table(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, t0: float, backbone: str) -> None:
+    """Every seed's sources, then every (seed, target, K), on ``args.jobs`` workers. A target waits
+    for its seed's sources only, so the workers stay busy to the end (a pool over whole seeds
+    left one core idle for the last seed's hours). No deadlock: every sources job is queued
+    before any target job, so a target job only ever waits for one that is running or done."""
     sources = tuple(args.sources)
-    common = base_args(backbone, data_dir, seed, s, sources)
-    source_stage1 = train_sources(seed_dir, common, sources, s)
-    print(f"seed {seed}: sources done at {time.time() - t0:.0f} s", flush=True)
-    for target in args.targets:
-        for k in args.k_shots:
-            run_target(seed_dir, common, source_stage1, target, k, sources, args.variants, s,
-                       zero_shot=s.zero_shot and seed == args.seeds[0])
-            print(f"seed {seed}: {target} K={k} done at {time.time() - t0:.0f} s", flush=True)
+    common = {seed: base_args(backbone, data_dir, seed, s, sources) for seed in args.seeds}
+
+    def seed_sources(seed: int) -> Path:
+        stage1 = train_sources(out / f"seed{seed}", common[seed], sources, s)
+        print(f"seed {seed}: sources done at {time.time() - t0:.0f} s", flush=True)
+        return stage1
+
+    def target_runs(seed: int, target: str, k: int, source_stage1) -> None:
+        run_target(out / f"seed{seed}", common[seed], source_stage1.result(), target, k, sources, args.variants, s,
+                   zero_shot=s.zero_shot and seed == args.seeds[0])
+        print(f"seed {seed}: {target} K={k} done at {time.time() - t0:.0f} s", flush=True)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        stage1 = {seed: pool.submit(seed_sources, seed) for seed in args.seeds}
+        jobs = [pool.submit(target_runs, seed, target, k, stage1[seed])
+                for seed in args.seeds for target in args.targets for k in args.k_shots]
+        for future in [*stage1.values(), *jobs]:
+            future.result()  # re-raises a failed job's SystemExit here
 
 
 # ------------------------------------------------------------------------------ main
@@ -247,7 +258,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--k_shots", type=int, nargs="+", help="default: the backbone's settings' (16 32 / 16)")
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="default: the backbone's settings'")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="seeds run side by side (one train.py process each); 1 while another job shares the cores")
+                        help="train.py processes side by side (a seed's sources, or one target of a seed); 1 while another job shares the cores")
     parser.add_argument("--quick", action="store_true", help="tiny steps and backbone: a smoke test")
     parser.add_argument("--analyse_only", action="store_true")
     return parser.parse_args(argv)
@@ -271,10 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(threads()))
         backbone = prepare_backbone(out, data_dir, s, t0)
-        run = partial(run_seed, out, data_dir, s, args, t0, backbone)
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # seeds are independent
-            for future in [pool.submit(run, seed) for seed in args.seeds]:
-                future.result()  # re-raises a failed seed's SystemExit here
+        run_table(out, data_dir, s, args, t0, backbone)
     layout = analyse.Layout(out, args.seeds, args.targets, args.k_shots, sources, list(STRATEGIES),
                             {v: VARIANTS[v][0] for v in args.variants}, zero_shot=s.zero_shot)
     summary = analyse.summarise(layout, str(data_dir))
