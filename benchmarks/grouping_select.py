@@ -4,7 +4,7 @@
     cd /work/main && .venv/bin/python benchmarks/grouping_select.py --quick    # < 30 s
 
 What is compared, on the same inputs in one run:
-- "vec":  dtvg_scale.grouping.select_group (one K x K similarity matrix, cumulative sums, no
+- "vec":  dtvg_scale.method.selection.select_group (one K x K similarity matrix, cumulative sums, no
   host sync). Median of several timed calls after warm-up (time.perf_counter).
 - "loop": the default decision written the way the authors' code
   (zpy2477/DTVG, peft/soft_prompt_controller.py, ablation 0) computes it: a Python loop over the
@@ -40,12 +40,18 @@ from pathlib import Path
 import torch
 
 try:
-    from dtvg_scale.grouping import select_group, similarity
+    from dtvg_scale.method.selection import select_group
 except ImportError:  # run as `python benchmarks/grouping_select.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dtvg_scale.grouping import select_group, similarity
+    from dtvg_scale.method.selection import select_group
 
 R = 100  # prompt length (rows of a task vector)
+
+
+def similarity(a, b):
+    """The authors' similarity of two [r, d] task vectors, one pair per call, as their loop calls
+    it: the baseline measured here (the package computes every pair at once: ``mean_dot``)."""
+    return (a.mean(dim=-2) * b.mean(dim=-2)).mean(dim=-1)
 
 
 # ------------------------------------------------------------------------------------------

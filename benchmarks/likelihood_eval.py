@@ -31,7 +31,7 @@ from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_row
 from dtvg_scale.config import DataArgs
 from dtvg_scale.data import EncodedExample, collate_inputs, collate_train, encode_examples, encode_targets
 from dtvg_scale.evaluate import likelihood_predictions
-from dtvg_scale.prompts import SoftPrompt, sample_init_prompt
+from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 from dtvg_scale.tasks import load_task
 
 

@@ -46,7 +46,7 @@ from transformers import get_linear_schedule_with_warmup
 from dtvg_scale.backbone import PromptedModel, load_backbone
 from dtvg_scale.distributed import DistContext, init_distributed
 from dtvg_scale.engine import build_engine
-from dtvg_scale.prompts import SoftPrompt
+from dtvg_scale.method.prompts import SoftPrompt
 
 PROMPT_LR = 0.3  # the project's Stage-I prompt learning rate, for both sides
 def peft_prompt_blocks(is_encoder_decoder: bool) -> int:

@@ -52,7 +52,7 @@ from dtvg_scale.config import Stage2Args
 from dtvg_scale.data import collate_train, encode_examples, rank_micro_batches
 from dtvg_scale.distributed import DistContext, barrier, init_distributed, on_main_then_all
 from dtvg_scale.engine import build_engine, optimizer_groups, resolve_ds_config
-from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
+from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}, "gradient_clipping": 1.0}
 BACKBONE_CACHE = Path("runs/.backbones")

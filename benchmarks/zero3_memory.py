@@ -140,7 +140,7 @@ def plain_worker(model_path: str) -> list[dict]:
     import torch
 
     from dtvg_scale.backbone import PromptedModel, load_backbone
-    from dtvg_scale.prompts import SoftPrompt, sample_init_prompt
+    from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 
     torch.set_flush_denormal(True)  # as init_distributed does for the ZeRO-3 workers
     before_load = current_rss_bytes()
@@ -168,7 +168,7 @@ def zero3_worker(model_path: str, zero_extra: dict) -> dict:
     from dtvg_scale.config import Stage1Args
     from dtvg_scale.distributed import init_distributed
     from dtvg_scale.engine import build_engine, resolve_ds_config
-    from dtvg_scale.prompts import SoftPrompt, sample_init_prompt
+    from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 
     ctx = init_distributed()
     before_load = current_rss_bytes()

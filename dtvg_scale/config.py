@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from dtvg_scale.strategies import STRATEGIES, split_strategy
+from dtvg_scale.method.strategies import STRATEGIES, split_strategy
 
 
 class ConfigError(ValueError):
@@ -225,7 +225,7 @@ class Stage2Args(LoopArgs):
     max_group_size: int | None = _help("Cap on the group size (null: none).", AT_LEAST_1, default=None)
     similarity: str = _help(
         "Task-vector similarity: mean_dot (the paper), mean_cosine, flat_dot, flat_cosine, centered_sources, "
-        "centered_all, token_cosine (dtvg_scale/variants.py).",
+        "centered_all, token_cosine (dtvg_scale/method/similarities.py).",
         default="mean_dot",
     )
     selection: str = _help(
@@ -253,7 +253,7 @@ class Stage2Args(LoopArgs):
     )
 
     def __post_init__(self) -> None:
-        from dtvg_scale.variants import PRESETS, VARIANT_KNOBS
+        from dtvg_scale.method.knobs import PRESETS, VARIANT_KNOBS
 
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown stage2.preset {self.preset!r}; known: {', '.join(PRESETS)}")
@@ -429,7 +429,7 @@ def _check_ranges(section: str, given: dict[str, Any], check_paths: bool) -> Non
 def _apply_preset(stage2: dict[str, Any]) -> None:
     """Fill the knobs of ``stage2.preset`` that were not given explicitly (an unknown preset is
     left for Stage2Args to refuse)."""
-    from dtvg_scale.variants import PRESETS
+    from dtvg_scale.method.knobs import PRESETS
 
     for knob, value in PRESETS.get(stage2.get("preset", "paper"), {}).items():
         stage2.setdefault(knob, value)

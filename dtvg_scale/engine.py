@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dtvg_scale import group_trace
 from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
                                    trusted_tag, write_manifest)
@@ -38,7 +39,7 @@ from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
 from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
-from dtvg_scale.grouping import GroupDecision
+from dtvg_scale.method.selection import GroupDecision
 from dtvg_scale.progress import Progress
 from dtvg_scale.tracking import Tracker
 
@@ -282,7 +283,7 @@ class PromptRun:
         self.artifact_meta = artifact_meta or {}
         self.checkpoint_dir = spec.out_dir / "checkpoints"
         self.metrics_path = spec.out_dir / "metrics.jsonl"
-        self.trace_path = spec.out_dir / "group_trace.jsonl"
+        self.trace_path = spec.out_dir / group_trace.FILE_NAME
         self.best_score = -math.inf
         self.best_scores: dict[str, float] = {}
         self.best_step = -1
@@ -314,21 +315,11 @@ class PromptRun:
             steps = [s for s, _ in self.pending_trace]
             fields = {f: torch.stack([getattr(d, f) for _, d in self.pending_trace]).cpu().tolist()
                       for f in ("mask", "target_sim", "kc", "num_candidates", "group_size")}
-            names = self.spec.source_names
-            rows = [
-                {
-                    "step": step,
-                    "similarity": dict(zip(names, fields["target_sim"][i])),
-                    "kc": fields["kc"][i],
-                    "candidates": fields["num_candidates"][i],
-                    "group_size": fields["group_size"][i],
-                    "group": [n for n, selected in zip(names, fields["mask"][i]) if selected],
-                }
-                for i, step in enumerate(steps)
-            ]
+            rows = group_trace.trace_rows(steps, self.spec.source_names, fields["mask"], fields["target_sim"],
+                                          fields["kc"], fields["num_candidates"], fields["group_size"])
             self._write_jsonl(self.trace_path, rows)
-            for row, selected in zip(rows, fields["mask"], strict=True):
-                self.tracker.log_metrics(_trace_metrics(row, selected), step=row["step"])
+            for row in rows:
+                self.tracker.log_metrics(group_trace.step_metrics(row), step=row["step"])
             self.pending_trace.clear()
         self._write_jsonl(self.metrics_path, self.pending_metrics)
         for row in self.pending_metrics:
@@ -531,22 +522,6 @@ class PromptRun:
             (self.spec.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         barrier()
         return result
-
-
-def _trace_metrics(row: dict[str, Any], selected: list[bool]) -> dict[str, float]:
-    """DTVG's own signals of one step, for the tracker: each source's similarity and whether it
-    is in the group, the group's size, mean target similarity (TS) and KC. The KC is that of the
-    ranked prefix of the group's size: the group's own KC whenever the group is such a prefix
-    (dtvg, positive_only, all_sources)."""
-    sims = row["similarity"]
-    size = row["group_size"]
-    in_group = [sim for sim, chosen in zip(sims.values(), selected, strict=True) if chosen]
-    metrics = {f"similarity/{name}": value for name, value in sims.items()}
-    metrics.update({f"in_group/{name}": float(chosen) for name, chosen in zip(sims, selected, strict=True)})
-    metrics.update({"group/size": size, "group/candidates": row["candidates"],
-                    "group/target_similarity": sum(in_group) / len(in_group) if in_group else 0.0,
-                    "group/kc": row["kc"][size - 1] if size else 0.0})
-    return metrics
 
 
 def _scale_norms(prompt_module: nn.Module, source_names: tuple[str, ...]) -> dict[str, float]:

@@ -7,9 +7,9 @@
 - ``similarity_over_time``: one line per source (bold where the source is in the group), and
   the group size and the number of candidates below.
 
-Both read rows ``{"step", "similarity": {source: value}, "candidates", "group_size",
-"group": [names]}``, tolerate a missing, empty or half-written trace (an empty one gives a PNG
-saying "no trace") and return the PNG's path. Long traces are binned so that there are at most
+Both read the trace through ``group_trace.read_trace`` (the schema is there), tolerate a
+missing, empty or half-written trace (an empty one gives a PNG saying "no trace") and return
+the PNG's path. Long traces are binned so that there are at most
 as many columns (heatmap) or points (lines) as pixels. Matplotlib is used through ``Figure``
 objects and the Agg canvas only: no pyplot, no display, no global backend switch, so this is
 safe in a training process or a thread. The image size is fixed by ``WIDTH_IN`` x ``DPI``
@@ -18,16 +18,16 @@ safe in a training process or a thread. The image size is fixed by ``WIDTH_IN`` 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from dtvg_scale.group_trace import Trace, read_trace
 
 DPI = 100
 WIDTH_IN = 12.0
@@ -37,76 +37,6 @@ MAX_LINE_POINTS = 500
 DOT_MIN_CELL_PX = 7.0
 FEW_SOURCES = 12
 GAP_COLOR = "#d9d9d9"
-
-
-@dataclass
-class Trace:
-    steps: np.ndarray  # [T] int, increasing
-    sources: list[str]  # [S]
-    similarity: np.ndarray  # [S, T] float, NaN where missing
-    selected: np.ndarray  # [S, T] bool
-    group_size: np.ndarray  # [T] float
-    candidates: np.ndarray  # [T] float
-
-
-_CACHE: dict[str, tuple[tuple[int, int], Trace]] = {}
-
-
-def read_trace(trace_path: Path) -> Trace:
-    """Parse a trace; unreadable lines (e.g. a line being written) are skipped, a step logged
-    twice keeps its last row, rows are put in step order. The last trace read is kept (keyed by
-    path, size and mtime), so drawing both pictures parses a long trace once."""
-    path = Path(trace_path)
-    try:
-        stat = path.stat()
-        key = (stat.st_size, stat.st_mtime_ns)
-    except OSError:
-        key = None
-    cached = _CACHE.get(str(path))
-    if key is not None and cached is not None and cached[0] == key:
-        return cached[1]
-    trace = _parse_trace(path)
-    _CACHE.clear()
-    if key is not None:
-        _CACHE[str(path)] = (key, trace)
-    return trace
-
-
-def _parse_trace(path: Path) -> Trace:
-    rows: dict[int, dict] = {}
-    if path.is_file():
-        with path.open(errors="replace") as handle:
-            for line in handle:
-                try:
-                    row = json.loads(line)
-                    rows[int(row["step"])] = row
-                except (ValueError, KeyError, TypeError):
-                    continue
-    steps = sorted(rows)
-    sources: dict[str, None] = {}
-    for step in steps:
-        sources.update(dict.fromkeys(rows[step].get("similarity") or {}))
-    names = list(sources)
-    index = {name: i for i, name in enumerate(names)}
-    similarity = np.full((len(names), len(steps)), np.nan)
-    selected = np.zeros((len(names), len(steps)), dtype=bool)
-    group_size = np.full(len(steps), np.nan)
-    candidates = np.full(len(steps), np.nan)
-    for t, step in enumerate(steps):
-        row = rows[step]
-        values = row.get("similarity") or {}
-        if list(values) == names:  # the usual case: every source, in the same order
-            similarity[:, t] = [np.nan if v is None else v for v in values.values()]
-        else:
-            for name, value in values.items():
-                similarity[index[name], t] = np.nan if value is None else float(value)
-        for name in row.get("group") or []:
-            if name in index:
-                selected[index[name], t] = True
-        group_size[t] = float(row.get("group_size", selected[:, t].sum()))
-        if row.get("candidates") is not None:
-            candidates[t] = float(row["candidates"])
-    return Trace(np.asarray(steps, dtype=np.int64), names, similarity, selected, group_size, candidates)
 
 
 # -- binning: at most `max_cols` columns, by step value (gaps in the steps stay gaps)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from dtvg_scale import controlled, tasks
+from dtvg_scale import controlled, group_trace, tasks
 from dtvg_scale.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
                                  read_embedding_rows, resolve_model_path)
 from dtvg_scale.checkpoint import load_tensors, save_tensors
@@ -35,12 +35,12 @@ from dtvg_scale.data import encode_examples, encode_targets
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
                                resolve_precision)
-from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
-from dtvg_scale.strategies import spot_source, split_strategy
+from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
+from dtvg_scale.method.strategies import spot_source, split_strategy
 from dtvg_scale.task_files import register_task_files
 from dtvg_scale.tracking import flatten, make_tracker, result_columns
 from dtvg_scale.transfer import target_losses, transfer_gains
-from dtvg_scale.variants import PRESETS
+from dtvg_scale.method.knobs import PRESETS
 
 
 class StageError(ValueError):
@@ -239,7 +239,7 @@ class Pipeline:
         from dtvg_scale.plots import group_trace_heatmap, similarity_over_time  # matplotlib: only when tracked
 
         (out_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        trace = out_dir / "group_trace.jsonl"
+        trace = out_dir / group_trace.FILE_NAME
         if trace.is_file():
             group_trace_heatmap(trace, out_dir / "group_trace_heatmap.png")
             similarity_over_time(trace, out_dir / "similarity_over_time.png")

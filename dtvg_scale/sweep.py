@@ -72,7 +72,7 @@ def search_space(search: str, variants: bool) -> dict[str, Any]:
             "stage2.target_scale_lr": tune.loguniform(1e-4, 1e-1),
         }
     if variants:
-        from dtvg_scale.variants import VARIANT_KNOBS
+        from dtvg_scale.method.knobs import VARIANT_KNOBS
 
         space["stage2.similarity"] = tune.choice(list(VARIANT_KNOBS["similarity"]))
         space["stage2.merge"] = tune.choice(list(VARIANT_KNOBS["merge"]))
@@ -111,6 +111,7 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     from ray import tune
 
     from dtvg_scale.distributed import free_port, init_distributed
+    from dtvg_scale import group_trace
     from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
     from dtvg_scale.stages import Pipeline
 
@@ -161,7 +162,7 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
         # needs a result with the metric (else the whole sweep stops), so the last one is said again
         report(*last_evaluation(run_dir / "stage2" / "dtvg" / "metrics.jsonl"))
     if ctx.is_main:
-        trace = run_dir / "stage2" / "dtvg" / "group_trace.jsonl"
+        trace = run_dir / "stage2" / "dtvg" / group_trace.FILE_NAME
         group_trace_heatmap(trace, trial_dir / "group_trace_heatmap.png")
         similarity_over_time(trace, trial_dir / "similarity_over_time.png")
 

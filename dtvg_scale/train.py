@@ -40,6 +40,7 @@ from dtvg_scale.distributed import prepare_environment
 
 prepare_environment()  # before deepspeed is imported: CPU accelerator, world of one
 
+from dtvg_scale import group_trace  # noqa: E402
 from dtvg_scale.backbone import BackboneError  # noqa: E402
 from dtvg_scale.config import Config, ConfigError, describe_options, load_config  # noqa: E402
 from dtvg_scale.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
@@ -74,31 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_lengths(trace_path: Path) -> list[dict[str, Any]]:
-    """The group over time, compressed: one entry per stretch of steps with the same group."""
-    spans: list[dict[str, Any]] = []
-    if not trace_path.is_file():
-        return spans
-    for line in trace_path.read_text().splitlines():
-        row = json.loads(line)
-        if spans and spans[-1]["group"] == row["group"]:
-            spans[-1]["last_step"] = row["step"]
-        else:
-            spans.append({"first_step": row["step"], "last_step": row["step"], "group": row["group"]})
-    return spans
-
-
-def selection_share(trace_path: Path, sources: list[str]) -> dict[str, float]:
-    """Fraction of Stage-II steps in which each source was in the group."""
-    rows = [json.loads(line) for line in trace_path.read_text().splitlines()] if trace_path.is_file() else []
-    return {s: sum(s in row["group"] for row in rows) / len(rows) for s in sources} if rows else {}
-
-
 def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = None,
               max_spans: int = 12) -> tuple[dict[str, Any], str]:
     out = Path(cfg.run.output_dir)
-    trace = out / "stage2" / "dtvg" / "group_trace.jsonl"
-    spans, share = run_lengths(trace), selection_share(trace, cfg.data.sources)
+    trace = group_trace.read_rows(out / "stage2" / "dtvg" / group_trace.FILE_NAME)
+    spans, share = group_trace.run_lengths(trace), group_trace.selection_share(trace, cfg.data.sources)
     results = {"target": cfg.data.target, "sources": cfg.data.sources, "stage1": stage1, "stage2": stage2,
                "dtvg_group_over_time": spans, "dtvg_selection_share": share,
                **({"zero_shot": zero_shot} if zero_shot else {})}
@@ -114,7 +95,8 @@ def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = 
     if stage1:  # sources are scored on validation only (they have no test split)
         lines.append("Stage-I best validation score per task: " + ", ".join(
             f"{t} {r['validation'][r['reported_metric']]:.3f}" for t, r in stage1.items()))
-    shares = {name: selection_share(out / "stage2" / name / "group_trace.jsonl", cfg.data.sources)
+    shares = {name: share if name == "dtvg" else group_trace.selection_share(
+                  group_trace.read_rows(out / "stage2" / name / group_trace.FILE_NAME), cfg.data.sources)
               for name in stage2 if name == "dtvg" or name.startswith("dtvg-")}
     shares = {name: value for name, value in shares.items() if value}
     if shares:

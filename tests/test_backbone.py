@@ -7,7 +7,7 @@ from dtvg_scale import embedded
 from dtvg_scale.backbone import PromptedModel, load_backbone, resolve_model_path
 from dtvg_scale.data import (collate_generate, collate_train, encode_examples, eval_shard, global_batch_indices,
                              rank_micro_batches)
-from dtvg_scale.prompts import SoftPrompt
+from dtvg_scale.method.prompts import SoftPrompt
 from dtvg_scale.transfer import target_losses, transfer_gains
 
 

@@ -99,7 +99,7 @@ def test_peft_computes_our_logits_with_the_exported_prompt(trained, tmp_path, ca
 
     from dtvg_scale.backbone import PromptedModel, load_backbone
     from dtvg_scale.data import collate_train, encode_examples
-    from dtvg_scale.prompts import SoftPrompt
+    from dtvg_scale.method.prompts import SoftPrompt
 
     adapter = tmp_path / "adapter"
     assert export_here(capsys, str(trained), str(adapter), "--run", "stage2/dtvg")[0] == 0

@@ -1,4 +1,5 @@
-"""Independent oracle for the Stage II grouping decision (dtvg_scale/grouping.py).
+"""Independent oracle for the Stage II grouping decision (dtvg_scale/method/selection.py with
+the paper's similarity, method/similarities.py's ``mean_dot``).
 
 Semantics pinned here are those of the authors' code (zpy2477/DTVG,
 peft/soft_prompt_controller.py, `ablation == 0`), extended by the optional paper objective
@@ -13,7 +14,7 @@ peft/soft_prompt_controller.py, `ablation == 0`), extended by the optional paper
    TS(m) + lambda*KC(m) (TS = mean s over the prefix); only m <= max_group_size if given.
    No candidates -> empty group.
 
-Run: cd /work/main && PYTHONPATH=/work/main .venv/bin/python -m pytest tests/test_grouping.py -q
+Run: .venv/bin/python -m pytest tests/test_grouping.py -q
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import types
 import pytest
 import torch
 
-from dtvg_scale import grouping
-from dtvg_scale.grouping import group_scores, select_group, similarity
+from dtvg_scale.method import selection, similarities
+from dtvg_scale.method.selection import group_scores, select_group
+from dtvg_scale.method.similarities import mean_dot
 
 F64 = torch.float64
 
@@ -163,26 +165,23 @@ def _check_crafted(target, sources, expected, **kw):
 # --------------------------------------------------------------------------------------------
 # similarity
 # --------------------------------------------------------------------------------------------
-def test_similarity_formula_and_broadcast():
+def test_mean_dot_formula_and_symmetry():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(3, 5, generator=g, dtype=F64)
     b = torch.randn(7, 3, 5, generator=g, dtype=F64)
-    out = similarity(a, b)
-    assert out.shape == (7,)
+    target_sim, pair = mean_dot(a, b)
+    assert target_sim.shape == (7,) and pair.shape == (7, 7)
     expected = torch.tensor([_sim(_token_mean(a), _token_mean(b[k])) for k in range(7)], dtype=F64)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(similarity(b, a), out, rtol=1e-12, atol=1e-14)
-    # pairwise via broadcasting: [K,1,r,d] x [1,K,r,d] -> [K,K]
-    pair = similarity(b[:, None], b[None])
-    assert pair.shape == (7, 7)
+    torch.testing.assert_close(target_sim, expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(pair, pair.T)
-    torch.testing.assert_close(pair[2, 5], similarity(b[2], b[5]))
+    torch.testing.assert_close(pair[2, 5], torch.tensor(_sim(_token_mean(b[2]), _token_mean(b[5])), dtype=F64))
+    torch.testing.assert_close(mean_dot(b[2], b[5:6])[0][0], pair[2, 5])
 
 
-def test_similarity_exact_small_values():
-    # token means [1, 2] and [3, -1]: (3 - 2) / 2 = 0.5; not cosine, not a sum.
-    assert similarity(tv([1.0, 2.0]), tv([3.0, -1.0])).item() == 0.5
-    assert similarity(tv([1.0, 2.0], r=4), tv([3.0, -1.0], r=1)).item() == 0.5
+def test_mean_dot_exact_small_values():
+    # token means [1, 2] and [3, -1]: (3 - 2) / 2 = 0.5; not cosine, not a sum over tokens.
+    assert mean_dot(tv([1.0, 2.0]), tv([3.0, -1.0])[None])[0].item() == 0.5
+    assert mean_dot(tv([1.0, 2.0], r=4), tv([3.0, -1.0], r=4)[None])[0].item() == 0.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,8 +338,8 @@ def test_group_scores_invariants(seed, kw):
     s = 0.7 * shared + torch.randn(K, r, d, generator=g, dtype=F64)
     t = 0.7 * shared + torch.randn(r, d, generator=g, dtype=F64)
     dec = group_scores(t, s, **kw)
-    torch.testing.assert_close(dec.target_sim, torch.stack([similarity(t, s[k]) for k in range(K)]))
-    torch.testing.assert_close(dec.target_sim, similarity(t, s))
+    expected = torch.tensor([_sim(_token_mean(t), _token_mean(s[k])) for k in range(K)], dtype=F64)
+    torch.testing.assert_close(dec.target_sim, expected)
     assert dec.kc.shape == (K,) and dec.kc[0].item() == 0.0
     assert sorted(dec.order.tolist()) == list(range(K))
     assert int(dec.group_size) == int(dec.mask.sum())
@@ -477,8 +476,8 @@ def test_inputs_requiring_grad_are_fine():
 # no host sync
 # --------------------------------------------------------------------------------------------
 def _reachable_functions():
-    """select_group, group_scores, similarity and the module-level functions they call."""
-    seen, stack = {}, [select_group, group_scores, similarity]
+    """select_group, group_scores, mean_dot and the module-level functions they call."""
+    seen, stack = {}, [select_group, group_scores, mean_dot]
     while stack:
         fn = stack.pop()
         if fn.__name__ in seen:
@@ -489,9 +488,10 @@ def _reachable_functions():
         for code in consts:  # names used in nested functions / comprehensions / lambdas
             names |= set(code.co_names)
         for name in names:
-            obj = getattr(grouping, name, None)
-            if isinstance(obj, types.FunctionType) and obj.__module__ == grouping.__name__:
-                stack.append(obj)
+            for module in (selection, similarities):
+                obj = getattr(module, name, None)
+                if isinstance(obj, types.FunctionType) and obj.__module__ == module.__name__:
+                    stack.append(obj)
     return seen
 
 

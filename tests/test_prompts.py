@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from dtvg_scale.grouping import group_scores
-from dtvg_scale.prompts import DTVGPrompt, SoftPrompt, merge_prompt, sample_init_prompt
-from dtvg_scale.strategies import STRATEGIES, spot_source, strategy_mask
+from dtvg_scale.method.selection import group_scores
+from dtvg_scale.method.merge import merge_prompt
+from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
+from dtvg_scale.method.strategies import STRATEGIES, spot_source, strategy_mask
 
 
 def _vectors(*rows):

@@ -1,6 +1,6 @@
-"""Tests for dtvg_scale/variants.py: similarity, selection, merge and scale-init variants.
+"""The method's variants (dtvg_scale/method/): similarity, selection, merge and scale init.
 
-Run: cd /work/main && .venv/bin/python -m pytest -q tests/test_variants.py
+Run: .venv/bin/python -m pytest -q tests/test_variants.py
 """
 
 from __future__ import annotations
@@ -11,19 +11,12 @@ import math
 import pytest
 import torch
 
-from dtvg_scale import grouping, variants
-from dtvg_scale.grouping import group_scores
-from dtvg_scale.prompts import merge_prompt
-from dtvg_scale.variants import (
-    SIMILARITIES,
-    VARIANT_DEFAULTS,
-    VARIANT_KNOBS,
-    center,
-    decide,
-    group_objective,
-    init_scales,
-    merge,
-)
+from dtvg_scale.method import merge as merging
+from dtvg_scale.method import selection, similarities
+from dtvg_scale.method.knobs import VARIANT_DEFAULTS, VARIANT_KNOBS
+from dtvg_scale.method.merge import init_scales, merge, merge_prompt
+from dtvg_scale.method.selection import decide, group_objective, group_scores
+from dtvg_scale.method.similarities import SIMILARITIES, center
 
 F64 = torch.float64
 COSINE_LIKE = ("mean_cosine", "flat_cosine", "token_cosine", "centered_sources", "centered_all")
@@ -57,14 +50,14 @@ def test_registry_and_knobs():
     }
 
 
-def test_mean_dot_equals_grouping_similarity():
+def test_mean_dot_is_the_papers_formula():
     g = torch.Generator().manual_seed(0)
     for r, d, K in [(1, 3, 1), (4, 16, 7), (8, 5, 3)]:
         t = torch.randn(r, d, generator=g, dtype=F64)
         s = torch.randn(K, r, d, generator=g, dtype=F64)
-        target_sim, pair_sim = variants.mean_dot(t, s)
-        torch.testing.assert_close(target_sim, grouping.similarity(t, s))
-        torch.testing.assert_close(pair_sim, grouping.similarity(s[:, None], s[None]))
+        target_sim, pair_sim = similarities.mean_dot(t, s)
+        torch.testing.assert_close(target_sim, (t.mean(dim=0) * s.mean(dim=1)).mean(dim=-1))
+        torch.testing.assert_close(pair_sim, (s.mean(dim=1)[:, None] * s.mean(dim=1)[None]).mean(dim=-1))
 
 
 def test_similarity_formulas_against_direct_definitions():
@@ -97,7 +90,7 @@ def test_similarity_formulas_against_direct_definitions():
         torch.testing.assert_close(
             target_sim, torch.stack([cos((t - mu).mean(0), (s[k] - mu).mean(0), dim=0) for k in range(K)])
         )
-        torch.testing.assert_close(pair_sim, variants.mean_cosine(s[0] - mu, s - mu)[1])
+        torch.testing.assert_close(pair_sim, similarities.mean_cosine(s[0] - mu, s - mu)[1])
 
 
 def test_center_is_a_separate_step():
@@ -126,8 +119,8 @@ def test_shared_component_changes_raw_ranking_but_not_centered():
     c = torch.tensor([0.0, 0.0, 5.0], dtype=F64)
     rows = lambda v: v.unsqueeze(-2).expand(*v.shape[:-1], 2, 3).clone()
 
-    raw, _ = variants.mean_dot(rows(t), rows(s))
-    raw_shared, _ = variants.mean_dot(rows(t + c), rows(s + c))
+    raw, _ = similarities.mean_dot(rows(t), rows(s))
+    raw_shared, _ = similarities.mean_dot(rows(t + c), rows(s + c))
     assert ranking(raw)[0] == 0
     assert ranking(raw_shared)[0] == 1
     assert ranking(raw) != ranking(raw_shared)
@@ -191,8 +184,8 @@ def test_zero_vectors_give_no_nan(name):
         for sources in (s, torch.zeros(3, r, d)):
             target_sim, pair_sim = SIMILARITIES[name](t, sources)
             assert torch.isfinite(target_sim).all() and torch.isfinite(pair_sim).all()
-            for selection in variants.SELECTIONS:
-                dec = decide(t, sources, name, selection, top_k=2)
+            for rule in selection.SELECTIONS:
+                dec = decide(t, sources, name, rule, top_k=2)
                 assert dec.mask.dtype == torch.bool
                 assert torch.isfinite(dec.target_sim).all() and torch.isfinite(dec.kc).all()
     if name not in ("mean_dot", "flat_dot"):
@@ -208,14 +201,14 @@ def test_bf16_inputs(name):
     target_sim, pair_sim = SIMILARITIES[name](t, s)
     assert target_sim.dtype == torch.float32 and pair_sim.shape == (5, 5)
     assert torch.isfinite(target_sim).all() and torch.isfinite(pair_sim).all()
-    for selection in variants.SELECTIONS:
-        dec = decide(t, s, name, selection, top_k=2)
+    for rule in selection.SELECTIONS:
+        dec = decide(t, s, name, rule, top_k=2)
         assert dec.mask.dtype == torch.bool and dec.mask.shape == (5,)
         assert dec.group_size == dec.mask.sum()
 
 
 # --------------------------------------------------------------------------------------------
-# selection: greedy_prefix == grouping.group_scores
+# selection: greedy_prefix == selection.group_scores
 # --------------------------------------------------------------------------------------------
 def _random_case(g, K, r, d, ties):
     t = torch.randn(r, d, generator=g, dtype=F64)
@@ -266,9 +259,7 @@ def test_greedy_prefix_uses_the_chosen_similarity():
         dec = decide(t, s, name, "greedy_prefix", kc_weight=0.3)
         assert torch.equal(dec.target_sim, target_sim)
         # the prefix logic sees exactly these similarities
-        # (grouping.prefix_decision once the prefix rule moves there; variants' copy until then)
-        prefix_decision = getattr(grouping, "prefix_decision", None) or variants._prefix_decision
-        _assert_same_decision(dec, prefix_decision(target_sim, pair_sim, 0.0, 0.3, None))
+        _assert_same_decision(dec, selection.prefix_decision(target_sim, pair_sim, 0.0, 0.3, None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +282,7 @@ def test_exact_beats_greedy_on_crafted_case(kc_weight):
     exact = decide(t, s, "mean_dot", "exact", kc_weight=kc_weight)
     assert greedy.mask.tolist() == [True, False, False]
     assert exact.mask.tolist() == [False, True, True] and exact.group_size == 2
-    _, pair_sim = variants.mean_dot(t, s)
+    _, pair_sim = similarities.mean_dot(t, s)
     obj_greedy = group_objective(greedy.mask, greedy.target_sim, pair_sim, lam)
     obj_exact = group_objective(exact.mask, exact.target_sim, pair_sim, lam)
     assert obj_exact > obj_greedy + 1.0
@@ -363,9 +354,9 @@ def test_exact_tie_break_smallest_then_best_ranked():
 
 
 def test_exact_subset_table_order():
-    table = variants._subset_table(3, torch.device("cpu")).int().tolist()
+    table = selection._subset_table(3, torch.device("cpu")).int().tolist()
     assert table == [[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]]
-    assert variants._subset_table(16, torch.device("cpu")).shape == (2**16 - 1, 16)
+    assert selection._subset_table(16, torch.device("cpu")).shape == (2**16 - 1, 16)
 
 
 def test_exact_limits():
@@ -436,15 +427,15 @@ def test_no_host_sync_in_decide_and_merge(monkeypatch):
     s = torch.randn(6, 3, 5, generator=g)
     init = torch.randn(3, 5, generator=g)
     a_t, a_k = init_scales(6, 3)
-    cases = [(name, sel) for name in SIMILARITIES for sel in variants.SELECTIONS]
-    variants._subset_table(6, t.device)  # the table is built once, outside the guard
+    cases = [(name, sel) for name in SIMILARITIES for sel in selection.SELECTIONS]
+    selection._subset_table(6, t.device)  # the table is built once, outside the guard
 
     def run():
         out = []
         for name, sel in cases:
             dec = decide(t, s, name, sel, kc_weight=0.5, max_group_size=4, top_k=2)
             out.append(dec.mask)
-            for mode in variants.MERGES:
+            for mode in merging.MERGES:
                 out.append(merge(init, t, a_t, s, a_k, dec.mask, mode, dec.target_sim, 0.5))
         return out
 
@@ -582,7 +573,7 @@ def test_merge_bf16(mode):
 
 def test_merge_zero_sources():
     init, t, a_t = torch.randn(2, 3), torch.randn(2, 3), torch.ones(2)
-    for mode in variants.MERGES:
+    for mode in merging.MERGES:
         out = merge(
             init,
             t,
@@ -609,7 +600,7 @@ def test_init_scales():
     a_t, a_k = init_scales(4, 3, "constant", value=0.3, dtype=torch.bfloat16)
     assert a_k.dtype == torch.bfloat16 and torch.equal(a_k, torch.full((4, 3), 0.3, dtype=torch.bfloat16))
     assert init_scales(0, 3, "uniform")[1].shape == (0, 3)
-    assert tuple(variants.SCALE_INITS) == VARIANT_KNOBS["scale_init"]
+    assert tuple(merging.SCALE_INITS) == VARIANT_KNOBS["scale_init"]
     for bad in ({"mode": "nope"}, {"mode": "constant"}, {"mode": "ones", "value": 2.0}):
         with pytest.raises(ValueError):
             init_scales(2, 3, **bad)
@@ -643,15 +634,15 @@ def test_given_target_sim_ranks_and_thresholds_while_kc_compares_vectors():
         decide(target, sources, target_sim=torch.zeros(2))
 
 
-@pytest.mark.parametrize("name", variants.POOLED_SIMILARITIES)
+@pytest.mark.parametrize("name", similarities.POOLED_SIMILARITIES)
 def test_pooled_similarities_decide_the_same_on_scaled_token_means(name):
     # what DTVGPrompt feeds them instead of the [K, r, d] scaled vectors
     g = torch.Generator().manual_seed(3)
     target, sources = torch.randn(5, 7, generator=g), torch.randn(9, 5, 7, generator=g)
     target_scale, source_scales = torch.rand(5, generator=g), torch.rand(9, 5, generator=g)
     full = decide(target_scale[:, None] * target, source_scales[..., None] * sources, name)
-    pooled = decide(variants.scaled_token_means(target_scale, target),
-                    variants.scaled_token_means(source_scales, sources), name)
+    pooled = decide(similarities.scaled_token_means(target_scale, target),
+                    similarities.scaled_token_means(source_scales, sources), name)
     assert torch.equal(full.mask, pooled.mask) and torch.equal(full.order, pooled.order)
     torch.testing.assert_close(full.target_sim, pooled.target_sim)
     torch.testing.assert_close(full.kc, pooled.kc)

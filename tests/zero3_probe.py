@@ -22,7 +22,7 @@ from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_row
 from dtvg_scale.config import Stage1Args  # noqa: E402
 from dtvg_scale.distributed import all_ranks_equal, barrier, init_distributed  # noqa: E402
 from dtvg_scale.engine import build_engine, load_ds_config, resolve_ds_config  # noqa: E402
-from dtvg_scale.prompts import SoftPrompt, sample_init_prompt  # noqa: E402
+from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt  # noqa: E402
 
 
 def main() -> None:

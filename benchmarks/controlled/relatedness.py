@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from dtvg_scale import controlled, variants  # noqa: E402
+from dtvg_scale import controlled  # noqa: E402
 from dtvg_scale.backbone import PromptedModel, load_backbone  # noqa: E402
 from dtvg_scale.data import collate_train, encode_examples  # noqa: E402
-from dtvg_scale.prompts import SoftPrompt  # noqa: E402
+from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
+from dtvg_scale.method.similarities import SIMILARITIES  # noqa: E402
 from dtvg_scale.transfer import target_losses, transfer_gains  # noqa: E402
 
 SIGNALS = ("mean_dot", "centered_all", "transfer", "added", "grad_init")
@@ -81,7 +82,7 @@ def scores_of_run(run: Path, backbone) -> dict[str, dict[str, float]]:
     model = PromptedModel(backbone.model, SoftPrompt(init), is_encoder_decoder).eval()  # no dropout anywhere
     scores: dict[str, dict[str, float]] = {}
     for name in ("mean_dot", "centered_all"):
-        sims, _ = variants.SIMILARITIES[name](target_tv, source_tvs)
+        sims, _ = SIMILARITIES[name](target_tv, source_tvs)
         scores[name] = dict(zip(sources, sims.tolist(), strict=True))
     # the same measurement as stage2.ranking=transfer (one batch: all examples), and the merge at scale 1
     losses = target_losses(model, torch.cat([init[None], init + source_tvs]), examples, pad_id, len(examples), 0, 1)

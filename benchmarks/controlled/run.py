@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dtvg_scale import controlled  # noqa: E402
+from dtvg_scale import controlled, group_trace  # noqa: E402
 
 STRATEGIES = ["dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"]
 VARIANTS = {  # name -> (strategy, Stage-II overrides); each reuses the seed's Stage I
@@ -144,10 +144,6 @@ def read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_trace(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
 def group_metrics(trace: list[dict], rel: dict[str, str]) -> list[dict]:
     """Per step: precision / recall of the group against the helpful sources, conflicting in?"""
     helpful = {k for k, v in rel.items() if v == "helpful"}
@@ -199,7 +195,7 @@ def analyse(out: Path, seeds: list[int], variants: list[str], offsets: tuple[int
         per_seed = []
         for run in runs:
             d = out / run / ("main" if name == "dtvg" else name) / "stage2" / VARIANTS.get(name, ("dtvg",))[0]
-            trace = read_trace(d / "group_trace.jsonl")
+            trace = group_trace.read_rows(d / group_trace.FILE_NAME)
             if not trace:
                 continue
             gm = group_metrics(trace, rel)
@@ -270,7 +266,7 @@ def make_plots(out: Path, summary: dict, plot_dir: Path) -> list[Path]:
     made = []
     for name, per_seed in summary["group"].items():
         for p in per_seed[:1]:
-            trace = Path(p["dir"]) / "group_trace.jsonl"
+            trace = Path(p["dir"]) / group_trace.FILE_NAME
             made.append(group_trace_heatmap(trace, plot_dir / f"{name}_{p['seed']}_group_trace.png"))
             made.append(similarity_over_time(trace, plot_dir / f"{name}_{p['seed']}_similarity.png"))
     return made

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from dtvg_scale import group_trace
+
 PROMPT_TUNING = "prompt tuning (Stage-I target)"
 ZERO_SHOT = "zero-shot (no prompt, first seed)"
 
@@ -55,10 +57,6 @@ class Layout:
 
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_trace(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def test_score(result: dict | None) -> float | None:
@@ -107,7 +105,7 @@ def groups(layout: Layout) -> dict:
         for name in runs:
             per_seed = []
             for seed in layout.seeds:
-                trace = read_trace(layout.run_dir(seed, target, k, name) / "group_trace.jsonl")
+                trace = group_trace.read_rows(layout.run_dir(seed, target, k, name) / group_trace.FILE_NAME)
                 if trace:
                     per_seed.append({"seed": seed, **group_stats(trace, layout.sources)})
             out.setdefault(f"{target}_k{k}", {})[name] = per_seed

@@ -10,12 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dtvg_scale import variants
-from dtvg_scale.grouping import GroupDecision
-from dtvg_scale.merge import merge_prompt
-from dtvg_scale.strategies import MERGING_STRATEGIES, strategy_mask
+from dtvg_scale.method.knobs import VARIANT_KNOBS
+from dtvg_scale.method import merge as merging
+from dtvg_scale.method.selection import GroupDecision, decide
+from dtvg_scale.method.similarities import POOLED_SIMILARITIES, scaled_token_means
+from dtvg_scale.method.strategies import MERGING_STRATEGIES, strategy_mask
 
-__all__ = ["DTVGPrompt", "SoftPrompt", "merge_prompt", "sample_init_prompt"]
+__all__ = ["DTVGPrompt", "SoftPrompt", "sample_init_prompt"]
 
 
 def sample_init_prompt(embedding_weight: Tensor, length: int, vocab_limit: int = 5000, seed: int = 42) -> Tensor:
@@ -79,8 +80,8 @@ class DTVGPrompt(nn.Module):
         num_sources, length = source_tvs.shape[0], init_prompt.shape[0]
         for knob, value in (("similarity", similarity), ("selection", selection), ("merge", merge),
                             ("scale_init", scale_init), ("ranking", ranking)):
-            if value not in variants.VARIANT_KNOBS[knob]:
-                raise ValueError(f"unknown {knob} {value!r}; known: {', '.join(variants.VARIANT_KNOBS[knob])}")
+            if value not in VARIANT_KNOBS[knob]:
+                raise ValueError(f"unknown {knob} {value!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
         self.strategy = strategy
         self.threshold = threshold
         self.kc_weight = kc_weight
@@ -97,7 +98,7 @@ class DTVGPrompt(nn.Module):
         self.register_buffer("transfer_gain", torch.zeros(num_sources, dtype=torch.float32))
         self.transfer_measured = False
         self.prompt = nn.Parameter(target_prompt.detach().clone())
-        target_scale, source_scales = variants.init_scales(num_sources, length, scale_init, dtype=init_prompt.dtype)
+        target_scale, source_scales = merging.init_scales(num_sources, length, scale_init, dtype=init_prompt.dtype)
         self.target_scale = nn.Parameter(target_scale)
         self.source_scales = nn.Parameter(source_scales)
 
@@ -117,13 +118,13 @@ class DTVGPrompt(nn.Module):
             ranked_by = self.transfer_gain
         with torch.no_grad():
             target_tv = self.prompt - self.init_prompt
-            if self.similarity in variants.POOLED_SIMILARITIES:  # token means only: one pass over the sources
-                scaled_target = variants.scaled_token_means(self.target_scale, target_tv)
-                scaled_sources = variants.scaled_token_means(self.source_scales, self.source_tvs)
+            if self.similarity in POOLED_SIMILARITIES:  # token means only: one pass over the sources
+                scaled_target = scaled_token_means(self.target_scale, target_tv)
+                scaled_sources = scaled_token_means(self.source_scales, self.source_tvs)
             else:
                 scaled_target = self.target_scale.unsqueeze(-1) * target_tv
                 scaled_sources = self.source_scales.unsqueeze(-1) * self.source_tvs
-            decision = variants.decide(scaled_target, scaled_sources, self.similarity, self.selection,
+            decision = decide(scaled_target, scaled_sources, self.similarity, self.selection,
                                        self.threshold, self.kc_weight, self.max_group_size, self.top_k,
                                        target_sim=ranked_by)
             mask, fixed_mask, fixed_decided = strategy_mask(
@@ -136,7 +137,7 @@ class DTVGPrompt(nn.Module):
 
     def forward(self) -> tuple[Tensor, GroupDecision]:
         mask, decision = self.decide()
-        merged = variants.merge(
+        merged = merging.merge(
             self.init_prompt, self.prompt - self.init_prompt, self.target_scale, self.source_tvs, self.source_scales,
             mask, self.merge_mode, target_sim=decision.target_sim, temperature=self.temperature,
         )

@@ -1,6 +1,6 @@
 """Stage-II strategies: DTVG and every ablation of the paper, as pure tensor code.
 
-A strategy turns one grouping decision (``grouping.GroupDecision``) into the mask of sources
+A strategy turns one grouping decision (``selection.GroupDecision``) into the mask of sources
 merged this step. All of them keep the target's own task vector and its scales; ``spot`` is the
 exception: it picks one source prompt once, then trains a plain prompt (no merge at all).
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dtvg_scale.grouping import GroupDecision
-from dtvg_scale.variants import PRESETS
+from dtvg_scale.method.knobs import PRESETS
+from dtvg_scale.method.selection import GroupDecision
 
 STRATEGIES: tuple[str, ...] = ("dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot")
 MERGING_STRATEGIES: tuple[str, ...] = tuple(s for s in STRATEGIES if s != "spot")
