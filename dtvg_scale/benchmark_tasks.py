@@ -435,7 +435,7 @@ def read_official_split(name: str, split: str, local_dir: str | None, purpose: s
         raise MissingSplitError(f"task {name!r}: {wanted} could not be loaded from hub dataset {where}: {err}") from err
 
 
-def _permutation(n: int, seed: int) -> list[int]:
+def seeded_permutation(n: int, seed: int) -> list[int]:
     """The prior code's ``shuffled_indices``: ``torch.randperm`` with a generator seeded ``seed``."""
     generator = torch.Generator()
     generator.manual_seed(seed)
@@ -511,7 +511,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
     if rule.kind == "halve_validation":
         train_ds = read(rule.train, "the train split")
         pool = read(rule.validation, "the validation and test splits, halved")
-        order = _permutation(len(pool), split_seed)
+        order = seeded_permutation(len(pool), split_seed)
         half = len(pool) // 2
         validation_ds, test_ds = pool.select(order[:half]), pool.select(order[half:])
         train_order = list(range(len(train_ds)))
@@ -519,7 +519,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
     elif rule.kind == "carve_train":
         pool = read(rule.train, f"the train split and {VALIDATION_FROM_TRAIN} validation examples")
         test_ds = read(rule.test, "the test split") if with_test else None
-        order = _permutation(len(pool), split_seed)
+        order = seeded_permutation(len(pool), split_seed)
         train_ds, validation_ds = pool, pool.select(order[:VALIDATION_FROM_TRAIN])
         train_order = order[VALIDATION_FROM_TRAIN:]
         shuffled_train = True
@@ -534,7 +534,7 @@ def load_benchmark_task(name: str, *, local_dir: str | None, split_seed: int = 4
 
     if max_train_samples is not None:
         if not shuffled_train:  # the prior code's subsample: a split_seed permutation, then the first n
-            train_order = _permutation(len(train_order), split_seed)
+            train_order = seeded_permutation(len(train_order), split_seed)
         train_order = train_order[:max_train_samples]
     train_rows = train_ds.select(train_order)
 

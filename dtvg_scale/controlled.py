@@ -319,10 +319,10 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
 
 def _make_model(family: str, tok, cfg: PretrainConfig):
     """The untrained backbone; the configs are the embedded world's (same T5 config as before)."""
-    from dtvg_scale.embedded import _make_model as make_embedded_model
+    from dtvg_scale.embedded import make_tiny_model
 
     vocab_size = -(-len(tok) // 8) * 8
-    return make_embedded_model(family, tok, vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff)
+    return make_tiny_model(family, tok, vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff)
 
 
 def _encode(tok, rows: list[Example], decoder_only: bool):

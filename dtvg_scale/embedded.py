@@ -350,7 +350,9 @@ def _is_complete(folder: Path, stamp: dict) -> bool:
     return _read_stamp(folder) == stamp and all((folder / f).is_file() for f in _REQUIRED_FILES)
 
 
-def _make_model(family: str, tokenizer, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int):
+def make_tiny_model(family: str, tokenizer, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int):
+    """An untrained tiny T5 or LLaMA sized by the arguments, its special ids the tokenizer's
+    (the embedded world builds it random; the controlled world pretrains it)."""
     if family == "t5":
         config = transformers.T5Config(
             vocab_size=vocab_size,
@@ -433,7 +435,7 @@ def build_tiny_backbone(
         os.chmod(tmp, 0o755)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _make_model(family, tokenizer, vocab_size, d_model, num_layers, num_heads, d_ff)
+            model = make_tiny_model(family, tokenizer, vocab_size, d_model, num_layers, num_heads, d_ff)
         with library_bars_hidden():
             model.save_pretrained(tmp)  # safetensors by default
         tokenizer.save_pretrained(tmp)

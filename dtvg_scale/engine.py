@@ -38,7 +38,7 @@ from dtvg_scale.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags,
 from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
-from dtvg_scale.evaluate import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
+from dtvg_scale.evaluation import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
 from dtvg_scale.method.selection import GroupDecision
 from dtvg_scale.progress import Progress
 from dtvg_scale.tracking import Tracker

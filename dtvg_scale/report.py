@@ -43,7 +43,7 @@ from dtvg_scale.config import ConfigError, load_config  # noqa: E402
 from dtvg_scale.data import encode_examples  # noqa: E402
 from dtvg_scale.distributed import init_distributed  # noqa: E402
 from dtvg_scale.engine import load_ds_config  # noqa: E402
-from dtvg_scale.evaluate import generate_predictions  # noqa: E402
+from dtvg_scale.evaluation import generate_predictions  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.stages import Pipeline  # noqa: E402
 from dtvg_scale.method.strategies import STRATEGIES, split_strategy  # noqa: E402

@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script (what the deepspeed launcher does): this folder would shadow top-level
-    # packages with our module names (our evaluate.py vs HF's `evaluate`), so import the
-    # package from the repository root instead.
+    # Run as a script by path (`deepspeed dtvg_scale/train.py`, the README's command: the
+    # launcher takes a path, so neither a console script nor `python -m` can stand in). Python
+    # would put this folder first on sys.path and make our modules top-level names (`config`,
+    # `data`, `metrics`, `distributed`, ... shadowing any package of that name a library
+    # imports), so import the package from the repository root instead.
     _here = str(Path(__file__).resolve().parent)
     sys.path[:] = [p for p in sys.path if str(Path(p or ".").resolve()) != _here]
     sys.path.insert(0, str(Path(_here).parent))

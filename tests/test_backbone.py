@@ -108,7 +108,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(prompted):
     from dtvg_scale.data import EncodedExample, encode_targets
-    from dtvg_scale.evaluate import likelihood_predictions
+    from dtvg_scale.evaluation import likelihood_predictions
 
     model, backbone = prompted
     examples = encode_examples(embedded.embedded_task("emb_target", n_test=5).test, backbone.tokenizer,

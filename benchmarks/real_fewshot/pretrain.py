@@ -72,7 +72,7 @@ def task_train_texts(task: str, data_dir: str) -> list[str]:
     rows = benchmark_tasks.read_official_split(task, spec.split_rule.train, data_dir).to_list()
     if spec.split_rule.kind == "carve_train":
         # the same permutation the loader uses, so exactly its validation rows are left out
-        carved = set(benchmark_tasks._permutation(len(rows), 42)[: benchmark_tasks.VALIDATION_FROM_TRAIN])
+        carved = set(benchmark_tasks.seeded_permutation(len(rows), 42)[: benchmark_tasks.VALIDATION_FROM_TRAIN])
         rows = [row for i, row in enumerate(rows) if i not in carved]
     return [example.source for example in benchmark_tasks.format_rows(task, rows, is_train=True)]
 
