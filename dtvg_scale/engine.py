@@ -1,11 +1,13 @@
 """The thin engine: a DeepSpeed config resolved for one run, the engine around a prompted
-backbone, and the training loop (progress, metrics, group trace, evaluation, checkpoints).
+backbone, and the training loop (progress, metrics, evaluation, checkpoints). The loop knows
+nothing of DTVG: a prompt module's forward returns its rows and a record of how it built them,
+which the run's ``StepRecorder`` turns into a file of rows and tracked values.
 
 One ``PromptRun`` trains one prompt module (a Stage-I prompt or a Stage-II strategy) and writes
 everything it produces below its own folder:
 
 - ``metrics.jsonl``: step, loss, lr, group size, and validation scores at evaluation steps;
-- ``group_trace.jsonl`` (Stage II): every step's similarities, KC and selected sources;
+- the recorder's file (Stage II: ``group_trace.jsonl``, every step's similarities, KC and group);
 - ``best_prompt.safetensors``: the best-validation prompt (P* or P_mix), frozen;
 - ``test_predictions.jsonl``: input, target and generated text of every test example (best prompt);
 - ``checkpoints/``: DeepSpeed checkpoints in safetensors (trainable state, optimizer, step);
@@ -24,14 +26,13 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dtvg_scale import group_trace
 from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
                                    trusted_tag, write_manifest)
@@ -39,7 +40,6 @@ from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
 from dtvg_scale.evaluation import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
-from dtvg_scale.method.selection import GroupDecision
 from dtvg_scale.progress import Progress
 from dtvg_scale.tracking import Tracker
 
@@ -218,15 +218,39 @@ def _exclude_frozen_aliases(engine) -> None:
     engine.module_state_dict = module_state_dict
 
 
-def gathered_prompt(prompted: PromptedModel) -> tuple[Tensor, GroupDecision | None]:
-    """The prompt rows as they are now (no grad), whole even if ZeRO-3 partitioned them."""
+def gathered_prompt(prompted: PromptedModel) -> tuple[Tensor, Any]:
+    """The prompt rows as they are now (no grad), whole even if ZeRO-3 partitioned them, and the
+    prompt module's record of how it built them (None for a plain prompt)."""
     params = list(prompted.prompt.parameters())
     with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        rows, decision = prompted.prompt()
-        return rows.detach().clone(), decision
+        rows, record = prompted.prompt()
+        return rows.detach().clone(), record
 
 
 # ---------------------------------------------------------------- the loop
+
+
+class StepRecorder(Protocol):
+    """What to do with the record a prompt module's ``forward()`` returns beside its rows (Stage
+    II: DTVG's grouping decision, ``group_trace.GroupTraceRecorder``). The loop buffers the records
+    on the device, hands them back here and writes what it gets: it never looks inside one."""
+
+    file_name: str  # the JSONL file of the rows, in the run folder
+
+    def agreement(self, record: Any) -> Tensor:
+        """What every rank must hold equal (``run.check_rank_agreement``)."""
+
+    def rows(self, steps: list[int], records: list[Any]) -> list[dict[str, Any]]:
+        """The file's rows for these steps (one host transfer for all of them)."""
+
+    def metrics(self, row: dict[str, Any]) -> dict[str, float]:
+        """One row's values for the tracker."""
+
+    def merged(self, record: Any) -> list[str]:
+        """What a prompt built with this record merged (the result's ``group_at_best``)."""
+
+    def module_metrics(self, module: nn.Module) -> dict[str, float]:
+        """The prompt module's own state for the tracker (its parameters gathered)."""
 
 
 @dataclass
@@ -245,7 +269,7 @@ class RunSpec:
     seed: int
     scorer: Scorer = accuracy_scorer  # predictions -> metrics; the best prompt maximises "mean"
     reported_metric: str = "accuracy"
-    source_names: tuple[str, ...] = ()
+    recorder: StepRecorder | None = None  # what to make of the prompt module's per-step records
     keep_checkpoints: int = 2
     resume: bool = True
     check_rank_agreement: bool = False
@@ -283,14 +307,14 @@ class PromptRun:
         self.artifact_meta = artifact_meta or {}
         self.checkpoint_dir = spec.out_dir / "checkpoints"
         self.metrics_path = spec.out_dir / "metrics.jsonl"
-        self.trace_path = spec.out_dir / group_trace.FILE_NAME
+        self.trace_path = spec.out_dir / spec.recorder.file_name if spec.recorder else None
         self.best_score = -math.inf
         self.best_scores: dict[str, float] = {}
         self.best_step = -1
         self.best_prompt: Tensor | None = None
         self.best_group: list[str] | None = None  # Stage II: the sources merged into the best prompt
         self.pending_metrics: list[dict] = []
-        self.pending_trace: list[tuple[int, GroupDecision]] = []
+        self.pending_trace: list[tuple[int, Any]] = []  # (step, record): kept on the device until a flush
         self.sharding = self._sharding()
 
     def _sharding(self) -> dict[str, Any]:
@@ -309,26 +333,27 @@ class PromptRun:
                 handle.writelines(json.dumps(row) + "\n" for row in rows)
 
     def _flush(self) -> None:
-        """Write buffered metrics and trace. The trace stays on the device until here: one
+        """Write buffered metrics and records. The records stay on the device until here: one
         transfer per log interval instead of a host sync every step."""
-        if self.pending_trace:
-            steps = [s for s, _ in self.pending_trace]
-            fields = {f: torch.stack([getattr(d, f) for _, d in self.pending_trace]).cpu().tolist()
-                      for f in ("mask", "target_sim", "kc", "num_candidates", "group_size")}
-            rows = group_trace.trace_rows(steps, self.spec.source_names, fields["mask"], fields["target_sim"],
-                                          fields["kc"], fields["num_candidates"], fields["group_size"])
+        recorder = self.spec.recorder
+        if self.pending_trace and recorder is not None:
+            rows = recorder.rows([s for s, _ in self.pending_trace], [r for _, r in self.pending_trace])
             self._write_jsonl(self.trace_path, rows)
             for row in rows:
-                self.tracker.log_metrics(group_trace.step_metrics(row), step=row["step"])
-            self.pending_trace.clear()
+                self.tracker.log_metrics(recorder.metrics(row), step=row["step"])
+        self.pending_trace.clear()
         self._write_jsonl(self.metrics_path, self.pending_metrics)
         for row in self.pending_metrics:
             flat = {k: v for k, v in row.items() if k not in ("step", "validation")}
             flat.update({f"validation_{k}": v for k, v in row.get("validation", {}).items()})
             self.tracker.log_metrics(flat, step=row["step"])
-        if self.pending_metrics:  # the scales' norms as they are now (one read per log interval)
-            self.tracker.log_metrics(_scale_norms(self.prompted.prompt, self.spec.source_names),
-                                     step=self.pending_metrics[-1]["step"])
+        if self.pending_metrics and recorder is not None:
+            # the prompt module's state as it is now (e.g. DTVG's scale norms): one read per log
+            # interval, on every rank (gathering is a collective under ZeRO-3; only rank 0 tracks)
+            params = list(self.prompted.prompt.parameters())
+            with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                values = recorder.module_metrics(self.prompted.prompt)
+            self.tracker.log_metrics(values, step=self.pending_metrics[-1]["step"])
         self.pending_metrics.clear()
 
     def _score(self, prompt_rows: Tensor, encoded: list[EncodedExample], raw: Sequence,
@@ -402,7 +427,8 @@ class PromptRun:
         self.best_group = client_state.get("best_group")
         if self.ctx.is_main:
             _truncate_jsonl(self.metrics_path, step)
-            _truncate_jsonl(self.trace_path, step)
+            if self.trace_path is not None:
+                _truncate_jsonl(self.trace_path, step)
         return step + 1
 
     def _save_best(self) -> None:
@@ -421,7 +447,8 @@ class PromptRun:
         start = self._try_resume()
         if start == 0 and ctx.is_main:
             for path in (self.metrics_path, self.trace_path):
-                path.unlink(missing_ok=True)
+                if path is not None:
+                    path.unlink(missing_ok=True)
         pad_id = self.backbone.tokenizer.pad_token_id
         progress = Progress(spec.name, loop.steps, start, enabled=ctx.is_main and spec.progress)
         self.engine.train()
@@ -431,14 +458,14 @@ class PromptRun:
             torch.manual_seed(spec.seed * 1_000_003 + step * ctx.world_size + ctx.rank)
             indices = global_batch_indices(len(spec.train), loop.batch_size, step, spec.seed)
             step_loss = torch.zeros((), device=ctx.device, dtype=torch.float32)
-            decision = None
+            record = None  # the prompt module's record of this step (Stage II: the group decision)
             for micro in rank_micro_batches(indices, ctx.rank, ctx.world_size, loop.gradient_accumulation_steps):
                 batch = collate_train([spec.train[i] for i in micro], pad_id, self.prompted.is_encoder_decoder)
-                loss, micro_decision = self.engine(**{k: v.to(ctx.device) for k, v in batch.items()})
+                loss, micro_record = self.engine(**{k: v.to(ctx.device) for k, v in batch.items()})
                 self.engine.backward(loss)
                 self.engine.step()
                 step_loss += loss.detach().float() / loop.gradient_accumulation_steps
-                decision = decision or micro_decision
+                record = record if record is not None else micro_record
             # 2) one all-reduce of the loss and of "asked to stop" (SIGTERM, stop_after): every
             #    rank sees the same values, so a NaN or a stop request stops all of them together.
             _STOP.steps_done += 1
@@ -452,10 +479,10 @@ class PromptRun:
                     f"{spec.name}: loss is {mean_loss} at step {step}; stopping without a checkpoint "
                     f"(the last good one is in {self.checkpoint_dir}). Lower the learning rate or use fp32."
                 )
-            if decision is not None:
-                if spec.check_rank_agreement and not all_ranks_equal(decision.mask):
-                    raise TrainingError(f"{spec.name}: ranks took different grouping decisions at step {step}")
-                self.pending_trace.append((step, decision))
+            if record is not None and spec.recorder is not None:
+                if spec.check_rank_agreement and not all_ranks_equal(spec.recorder.agreement(record)):
+                    raise TrainingError(f"{spec.name}: ranks took different decisions at step {step}")
+                self.pending_trace.append((step, record))
             lr = self.engine.get_lr()[0]
             self.pending_metrics.append({"step": step, "loss": mean_loss, "lr": lr})
             progress.step(step, mean_loss, self.best_score)
@@ -467,8 +494,8 @@ class PromptRun:
                 self.pending_metrics.append({"step": step, "validation": scores})
                 if scores["mean"] > self.best_score:
                     self.best_score, self.best_scores, self.best_step, self.best_prompt = scores["mean"], scores, step, rows
-                    if merged_with is not None:  # the group inside the evaluated P_mix
-                        self.best_group = [n for n, chosen in zip(spec.source_names, merged_with.mask.tolist()) if chosen]
+                    if merged_with is not None and spec.recorder is not None:  # the group inside the evaluated P_mix
+                        self.best_group = spec.recorder.merged(merged_with)
                 progress.evaluated(step, scores["mean"], self.best_score)
                 self._flush()
                 self._save_checkpoint(step)
@@ -522,17 +549,6 @@ class PromptRun:
             (self.spec.out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         barrier()
         return result
-
-
-def _scale_norms(prompt_module: nn.Module, source_names: tuple[str, ...]) -> dict[str, float]:
-    if not hasattr(prompt_module, "source_scales"):
-        return {}
-    params = [prompt_module.target_scale, prompt_module.source_scales]
-    with torch.no_grad(), deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        norms = {"scale_norm/target": float(prompt_module.target_scale.float().norm())}
-        per_source = prompt_module.source_scales.float().norm(dim=-1).tolist()
-    norms.update({f"scale_norm/{name}": value for name, value in zip(source_names, per_source, strict=True)})
-    return norms
 
 
 def ds_stage(engine) -> int:

@@ -7,9 +7,10 @@ One JSON row per Stage-II step, written by the training loop (``trace_rows``)::
      "candidates": 6,          # sources at or above the threshold
      "group_size": 2, "group": ["<source>", ...]}  # the sources merged at this step
 
-Every reader goes through ``read_rows`` (the rows, tolerant of a line being written) or
-``read_trace`` (the same as arrays, for plots); ``run_lengths``, ``selection_share`` and
-``step_metrics`` are the summaries the job prints, stores and sends to the tracker.
+``GroupTraceRecorder`` is what the training loop is given for a Stage-II run (the loop itself
+knows nothing of groups). Every reader goes through ``read_rows`` (the rows, tolerant of a line
+being written) or ``read_trace`` (the same as arrays, for plots); ``run_lengths``,
+``selection_share`` and ``step_metrics`` are the summaries the job prints, stores and tracks.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from torch import nn
 
 FILE_NAME = "group_trace.jsonl"
+DECISION_FIELDS = ("mask", "target_sim", "kc", "num_candidates", "group_size")  # of a GroupDecision
 
 
 def trace_rows(steps: Sequence[int], source_names: Sequence[str], mask: list[list[bool]],
@@ -39,6 +43,38 @@ def trace_rows(steps: Sequence[int], source_names: Sequence[str], mask: list[lis
         }
         for i, step in enumerate(steps)
     ]
+
+
+class GroupTraceRecorder:
+    """The training loop's ``StepRecorder`` for a merging Stage-II run: a record is the step's
+    ``GroupDecision`` (``method.selection``), its rows are this file's, and the module's own
+    tracked state is its scales' norms (``DTVGPrompt.scale_norms``)."""
+
+    file_name = FILE_NAME
+
+    def __init__(self, source_names: Sequence[str]) -> None:
+        self.source_names = tuple(source_names)
+
+    def agreement(self, decision) -> torch.Tensor:
+        return decision.mask
+
+    def rows(self, steps: list[int], decisions: list) -> list[dict[str, Any]]:
+        fields = {f: torch.stack([getattr(d, f) for d in decisions]).cpu().tolist() for f in DECISION_FIELDS}
+        return trace_rows(steps, self.source_names, fields["mask"], fields["target_sim"], fields["kc"],
+                          fields["num_candidates"], fields["group_size"])
+
+    def metrics(self, row: dict[str, Any]) -> dict[str, float]:
+        return step_metrics(row)
+
+    def merged(self, decision) -> list[str]:
+        return [name for name, chosen in zip(self.source_names, decision.mask.tolist()) if chosen]
+
+    def module_metrics(self, module: nn.Module) -> dict[str, float]:
+        target, per_source = module.scale_norms()
+        norms = {"scale_norm/target": float(target)}
+        norms.update({f"scale_norm/{name}": value
+                      for name, value in zip(self.source_names, per_source.tolist(), strict=True)})
+        return norms
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:

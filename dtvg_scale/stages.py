@@ -33,8 +33,8 @@ from dtvg_scale.checkpoint import load_tensors, save_tensors
 from dtvg_scale.config import Config, ConfigError, LoopArgs, Stage2Args
 from dtvg_scale.data import encode_examples, encode_targets
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
-from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, build_engine, optimizer_groups, resolve_ds_config,
-                               resolve_precision)
+from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, StepRecorder, build_engine, optimizer_groups,
+                               resolve_ds_config, resolve_precision)
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.method.strategies import spot_source, split_strategy
 from dtvg_scale.task_files import register_task_files
@@ -182,13 +182,13 @@ class Pipeline:
                 "length": p.length, "init_seed": p.init_seed, "init_vocab_limit": p.init_vocab_limit}
 
     def _spec(self, name: str, out_dir: Path, loop: LoopArgs, task: str, backbone: Backbone,
-              source_names: tuple[str, ...] = ()) -> RunSpec:
+              recorder: StepRecorder | None = None) -> RunSpec:
         splits, train, validation, test = self._examples(task, backbone)
         run = self.cfg.run
         return RunSpec(name=name, out_dir=out_dir, loop=loop, train=train, validation=validation, test=test,
                        validation_examples=splits.validation, test_examples=splits.test,
                        scorer=tasks.scorer(task), reported_metric=tasks.reported_metric(task),
-                       max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, source_names=source_names,
+                       max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, recorder=recorder,
                        keep_checkpoints=run.keep_checkpoints, resume=run.resume,
                        check_rank_agreement=run.check_rank_agreement, progress=run.progress,
                        stop_after=run.stop_after, on_evaluate=self.on_evaluate, eval_mode=self.cfg.data.eval_mode,
@@ -381,7 +381,7 @@ class Pipeline:
                                            ("source_scales", module.source_scales, loop.source_scale_lr)])
                 meta = {"strategy": strategy, **({"preset": preset} if preset else {})}
             spec = self._spec(f"stage2/{run_name}", out_dir, loop, cfg.data.target, backbone,
-                              source_names=names if strategy != "spot" else ())
+                              recorder=group_trace.GroupTraceRecorder(names) if strategy != "spot" else None)
             prepare = None
             if strategy != "spot" and loop.ranking == "transfer":
                 prepare = functools.partial(self._measure_transfer, loop=loop, spec=spec, names=names,

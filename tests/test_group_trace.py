@@ -46,3 +46,23 @@ def test_summaries():
     # TS: mean similarity of the group's members; KC: that of the ranked prefix of the group's size
     assert metrics["group/target_similarity"] == pytest.approx((0.3 + 0.25) / 2) and metrics["group/kc"] == 0.6
     assert group_trace.step_metrics({**rows[2], "group": [], "group_size": 0})["group/kc"] == 0.0
+
+
+def test_the_recorder_turns_decisions_into_rows_and_names():
+    """What the training loop is handed for a Stage-II run: decisions in, rows and names out."""
+    import torch
+
+    from dtvg_scale.method.prompts import DTVGPrompt
+    from dtvg_scale.method.selection import group_scores
+
+    target = torch.tensor([[1.0, 0.0]])
+    sources = torch.tensor([[[1.0, 0.1]], [[-1.0, 0.0]], [[0.9, 0.2]]])
+    decision = group_scores(target, sources)
+    recorder = group_trace.GroupTraceRecorder(NAMES)
+    (row,) = recorder.rows([7], [decision])
+    assert row["step"] == 7 and row["group"] == recorder.merged(decision) == ["a", "c"]
+    assert row["candidates"] == 2 and list(row["similarity"]) == list(NAMES)
+    assert torch.equal(recorder.agreement(decision), decision.mask)
+    module = DTVGPrompt(torch.zeros(1, 2), target, sources)
+    assert recorder.module_metrics(module) == pytest.approx(
+        {"scale_norm/target": 1.0, "scale_norm/a": 1.0, "scale_norm/b": 1.0, "scale_norm/c": 1.0})

@@ -135,6 +135,10 @@ class DTVGPrompt(nn.Module):
                 self.fixed_decided.copy_(fixed_decided)
         return mask, decision._replace(mask=mask, group_size=mask.sum())
 
+    def scale_norms(self) -> tuple[Tensor, Tensor]:
+        """The norm of the target's scales [] and of each source's [K]: what a tracker follows."""
+        return self.target_scale.detach().float().norm(), self.source_scales.detach().float().norm(dim=-1)
+
     def forward(self) -> tuple[Tensor, GroupDecision]:
         mask, decision = self.decide()
         merged = merging.merge(
