@@ -40,6 +40,22 @@ def generate_predictions(
     synced: bool,
 ) -> list[str]:
     """Greedy generations for ``examples`` (decoded, special tokens dropped), on every rank."""
+    def predict(chunk: list[EncodedExample]) -> list[str]:
+        inputs = collate_generate(chunk, tokenizer.pad_token_id, model.is_encoder_decoder)
+        generated = model.generate(prompt_rows, inputs["input_ids"].to(prompt_rows.device),
+                                   inputs["attention_mask"].to(prompt_rows.device), max_new_tokens=max_new_tokens,
+                                   synced=synced)
+        return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+    return sharded_predictions(model, examples, predict, batch_size, rank, world_size)
+
+
+def sharded_predictions(model: PromptedModel, examples: list[EncodedExample],
+                        predict: Callable[[list[EncodedExample]], list[str]], batch_size: int, rank: int,
+                        world_size: int) -> list[str]:
+    """``predict`` over this rank's shard of ``examples`` in batches, in eval mode, gathered into
+    the examples' order on every rank. Every rank runs the same number of batches (the shards are
+    padded with repeats that are not counted), as ZeRO-3 needs."""
     indices, valid = eval_shard(len(examples), rank, world_size)
     was_training = model.training
     model.eval()
@@ -47,19 +63,12 @@ def generate_predictions(
     try:
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
-            inputs = collate_generate([examples[i] for i in chunk], tokenizer.pad_token_id, model.is_encoder_decoder)
-            generated = model.generate(
-                prompt_rows,
-                inputs["input_ids"].to(prompt_rows.device),
-                inputs["attention_mask"].to(prompt_rows.device),
-                max_new_tokens=max_new_tokens,
-                synced=synced,
-            )
-            texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
-            mine += [(i, t) for i, t, ok in zip(chunk, texts, valid[start:start + batch_size], strict=True) if ok]
+            predictions = predict([examples[i] for i in chunk])
+            mine += [(i, text) for i, text, ok in zip(chunk, predictions, valid[start:start + batch_size], strict=True)
+                     if ok]
     finally:
         model.train(was_training)
-    return [text.strip() for text in _gather_predictions(mine, len(examples), world_size)]
+    return _gather_predictions(mine, len(examples), world_size)
 
 
 def _gather_predictions(mine: list[tuple[int, str]], num_examples: int, world_size: int) -> list[str]:
@@ -92,19 +101,11 @@ def likelihood_predictions(
     evaluation that always yields a label (a small model may not generate one). Each input is read
     once for all its labels (``PromptedModel.label_losses``); ranks run the same number of batches
     (padded shards), as ZeRO-3 needs."""
-    indices, valid = eval_shard(len(examples), rank, world_size)
-    was_training = model.training
-    model.eval()
-    mine: list[tuple[int, str]] = []
-    try:
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            inputs = collate_inputs([examples[i] for i in chunk], pad_id)
-            device = prompt_rows.device
-            losses = model.label_losses(prompt_rows, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
-                                        label_ids)
-            best = losses.argmin(dim=1).tolist()
-            mine += [(i, labels[b]) for i, b, ok in zip(chunk, best, valid[start:start + batch_size], strict=True) if ok]
-    finally:
-        model.train(was_training)
-    return _gather_predictions(mine, len(examples), world_size)
+    def predict(chunk: list[EncodedExample]) -> list[str]:
+        inputs = collate_inputs(chunk, pad_id)
+        device = prompt_rows.device
+        losses = model.label_losses(prompt_rows, inputs["input_ids"].to(device), inputs["attention_mask"].to(device),
+                                    label_ids)
+        return [labels[best] for best in losses.argmin(dim=1).tolist()]
+
+    return sharded_predictions(model, examples, predict, batch_size, rank, world_size)
