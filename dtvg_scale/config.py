@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from dtvg_scale.method.strategies import STRATEGIES, split_strategy
+from dtvg_scale.method.config import VARIANT_DEFAULTS, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
+from dtvg_scale.method.strategies import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -224,9 +225,9 @@ class Stage2Args(LoopArgs):
     )
     max_group_size: int | None = _help("Cap on the group size (null: none).", AT_LEAST_1, default=None)
     similarity: str = _help(
-        "Task-vector similarity: mean_dot (the paper), mean_cosine, flat_dot, flat_cosine, centered_sources, "
-        "centered_all, token_cosine (dtvg_scale/method/similarities.py).",
-        default="mean_dot",
+        f"Task-vector similarity: {', '.join(VARIANT_KNOBS['similarity'])} (the first is the paper's; "
+        "dtvg_scale/method/similarities.py).",
+        default=VARIANT_DEFAULTS["similarity"],
     )
     selection: str = _help(
         "Group selection: greedy_prefix (the paper), exact (best TS + lambda*KC over all subsets, K <= 16; "
@@ -253,23 +254,22 @@ class Stage2Args(LoopArgs):
     )
 
     def __post_init__(self) -> None:
-        from dtvg_scale.method.knobs import PRESETS, VARIANT_KNOBS
-
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown stage2.preset {self.preset!r}; known: {', '.join(PRESETS)}")
-
-        for knob in ("similarity", "selection", "merge", "scale_init", "ranking"):
-            if getattr(self, knob) not in VARIANT_KNOBS[knob]:
-                raise ConfigError(f"unknown stage2.{knob} {getattr(self, knob)!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
-        if self.selection == "top_k" and self.top_k is None:
-            raise ConfigError("stage2.selection=top_k needs stage2.top_k (an integer >= 1)")
-        for name in self.strategies:
-            try:
+        try:  # the method's one check of its knobs, named as options here
+            check_knobs({"preset": self.preset, **self.method_knobs()}, prefix="stage2.")
+            for name in self.strategies:
                 split_strategy(name)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if not self.strategies:
             raise ConfigError("stage2.strategies is empty")
+
+    def method_knobs(self) -> dict[str, Any]:
+        """This section's values of DTVGConfig's knobs (all but the strategy)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(DTVGConfig) if f.name != "strategy"}
+
+    def dtvg_config(self, strategy: str) -> DTVGConfig:
+        """The merged prompt's knobs for one merging strategy of this section."""
+        return DTVGConfig(strategy, **self.method_knobs())
 
 
 @dataclass
@@ -429,7 +429,7 @@ def _check_ranges(section: str, given: dict[str, Any], check_paths: bool) -> Non
 def _apply_preset(stage2: dict[str, Any]) -> None:
     """Fill the knobs of ``stage2.preset`` that were not given explicitly (an unknown preset is
     left for Stage2Args to refuse)."""
-    from dtvg_scale.method.knobs import PRESETS
+    from dtvg_scale.method.config import PRESETS
 
     for knob, value in PRESETS.get(stage2.get("preset", "paper"), {}).items():
         stage2.setdefault(knob, value)

@@ -46,7 +46,8 @@ from dtvg_scale.engine import load_ds_config  # noqa: E402
 from dtvg_scale.evaluation import generate_predictions  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.stages import Pipeline  # noqa: E402
-from dtvg_scale.method.strategies import STRATEGIES, split_strategy  # noqa: E402
+from dtvg_scale.method.config import split_strategy  # noqa: E402
+from dtvg_scale.method.strategies import STRATEGIES  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 

@@ -35,12 +35,12 @@ from dtvg_scale.data import encode_examples, encode_targets
 from dtvg_scale.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.engine import (PromptRun, RunSpec, RunStopped, StepRecorder, build_engine, optimizer_groups,
                                resolve_ds_config, resolve_precision)
+from dtvg_scale.method.config import PRESETS, split_strategy
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
-from dtvg_scale.method.strategies import spot_source, split_strategy
+from dtvg_scale.method.strategies import spot_source
 from dtvg_scale.task_files import register_task_files
 from dtvg_scale.tracking import flatten, make_tracker, result_columns
 from dtvg_scale.transfer import target_losses, transfer_gains
-from dtvg_scale.method.knobs import PRESETS
 
 
 class StageError(ValueError):
@@ -372,10 +372,8 @@ class Pipeline:
                 groups = [{"params": [module.prompt], "lr": loop.spot_lr, "name": "prompt"}]
                 meta = {"strategy": strategy, "spot_source": names[picked]}
             else:
-                module = DTVGPrompt(p_init.to(device), target_prompt.to(device), source_tvs.to(device), strategy,
-                                    loop.threshold, loop.kc_weight, loop.max_group_size, loop.similarity,
-                                    loop.selection, loop.merge, loop.scale_init, loop.top_k, loop.temperature,
-                                    loop.ranking)
+                module = DTVGPrompt(p_init.to(device), target_prompt.to(device), source_tvs.to(device),
+                                    loop.dtvg_config(strategy))
                 groups = optimizer_groups([("prompt", module.prompt, loop.prompt_lr),
                                            ("target_scale", module.target_scale, loop.target_scale_lr),
                                            ("source_scales", module.source_scales, loop.source_scale_lr)])

@@ -72,7 +72,7 @@ def search_space(search: str, variants: bool) -> dict[str, Any]:
             "stage2.target_scale_lr": tune.loguniform(1e-4, 1e-1),
         }
     if variants:
-        from dtvg_scale.method.knobs import VARIANT_KNOBS
+        from dtvg_scale.method.config import VARIANT_KNOBS
 
         space["stage2.similarity"] = tune.choice(list(VARIANT_KNOBS["similarity"]))
         space["stage2.merge"] = tune.choice(list(VARIANT_KNOBS["merge"]))

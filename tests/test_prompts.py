@@ -5,6 +5,7 @@ import torch
 
 from dtvg_scale.method.selection import group_scores
 from dtvg_scale.method.merge import merge_prompt
+from dtvg_scale.method.config import DTVGConfig
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.method.strategies import STRATEGIES, spot_source, strategy_mask
 
@@ -41,7 +42,7 @@ def test_dtvg_prompt_decision_is_not_differentiated_and_gradients_flow():
     init = torch.randn(2, 4)
     target = init + torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
     sources = torch.stack([torch.tensor([[1.0, 0, 0, 0]] * 2), torch.tensor([[-1.0, 0, 0, 0]] * 2)])
-    module = DTVGPrompt(init, target, sources, "dtvg")
+    module = DTVGPrompt(init, target, sources, DTVGConfig("dtvg"))
     merged, decision = module()
     assert decision.mask.tolist() == [True, False]
     assert not decision.target_sim.requires_grad
@@ -57,7 +58,7 @@ def test_dtvg_prompt_decides_on_scaled_vectors():
     init = torch.zeros(1, 2)
     target = torch.tensor([[1.0, 0.0]])
     sources = torch.stack([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.9, 0.1]])])
-    module = DTVGPrompt(init, target, sources, "dtvg", max_group_size=1)
+    module = DTVGPrompt(init, target, sources, DTVGConfig("dtvg", max_group_size=1))
     assert module()[1].mask.tolist() == [True, False]
     with torch.no_grad():
         module.source_scales[0].fill_(0.5)  # scaled, source 0 now ranks below source 1
@@ -90,8 +91,8 @@ def test_fixed_group_keeps_the_first_decision():
     init = torch.zeros(1, 2)
     target = torch.tensor([[1.0, 0.0]])
     sources = torch.stack([torch.tensor([[1.0, 0.0]]), torch.tensor([[-1.0, 0.0]])])
-    fixed = DTVGPrompt(init, target, sources, "fixed_group")
-    dynamic = DTVGPrompt(init, target, sources, "dtvg")
+    fixed = DTVGPrompt(init, target, sources, DTVGConfig("fixed_group"))
+    dynamic = DTVGPrompt(init, target, sources, DTVGConfig("dtvg"))
     assert fixed()[1].mask.tolist() == [True, False]
     with torch.no_grad():  # the target turns around: DTVG follows, the fixed group does not
         for module in (fixed, dynamic):
@@ -112,7 +113,7 @@ def test_dtvg_prompt_rejects_bad_shapes_and_strategies():
     with pytest.raises(ValueError, match="shape mismatch"):
         DTVGPrompt(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 2, 5))
     with pytest.raises(ValueError, match="strategy"):
-        DTVGPrompt(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 2, 3), "spot")
+        DTVGPrompt(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(4, 2, 3), DTVGConfig("spot"))
     assert set(STRATEGIES) == {"dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"}
 
 
@@ -144,16 +145,16 @@ def test_dtvg_prompt_uses_the_variant_knobs():
     # a component shared by every source dominates the raw similarity; centering removes it
     shared = torch.tensor([[0.0, 5.0]])
     sources = torch.stack([torch.tensor([[1.0, 0.0]]) + shared, torch.tensor([[-1.0, 0.0]]) + shared])
-    raw = DTVGPrompt(init, target + shared, sources, "positive_only")
-    centered = DTVGPrompt(init, target + shared, sources, "positive_only", similarity="centered_all")
+    raw = DTVGPrompt(init, target + shared, sources, DTVGConfig("positive_only"))
+    centered = DTVGPrompt(init, target + shared, sources, DTVGConfig("positive_only", similarity="centered_all"))
     assert raw()[1].mask.tolist() == [True, True]
     assert centered()[1].mask.tolist() == [True, False]
-    mean_merge = DTVGPrompt(init, target, sources, "all_sources", merge="mean", scale_init="ones")
+    mean_merge = DTVGPrompt(init, target, sources, DTVGConfig("all_sources", merge="mean", scale_init="ones"))
     torch.testing.assert_close(mean_merge()[0], target + sources.mean(dim=0))
-    zeros = DTVGPrompt(init, target, sources, "all_sources", scale_init="zeros")
+    zeros = DTVGPrompt(init, target, sources, DTVGConfig("all_sources", scale_init="zeros"))
     torch.testing.assert_close(zeros()[0], target)
     with pytest.raises(ValueError, match="unknown similarity"):
-        DTVGPrompt(init, target, sources, similarity="magic")
+        DTVGPrompt(init, target, sources, DTVGConfig(similarity="magic"))
 
 
 def test_transfer_ranking_ranks_by_the_measured_gains_and_needs_them():
@@ -162,7 +163,7 @@ def test_transfer_ranking_ranks_by_the_measured_gains_and_needs_them():
     init = torch.zeros(2, 3)
     target = torch.ones(2, 3)
     sources = torch.stack([torch.ones(2, 3), 0.5 * torch.ones(2, 3), 0.4 * torch.ones(2, 3)])
-    module = DTVGPrompt(init, target, sources, ranking="transfer", threshold=0.0)
+    module = DTVGPrompt(init, target, sources, DTVGConfig(ranking="transfer", threshold=0.0))
     with pytest.raises(RuntimeError, match="set_transfer_gain"):
         module()
     module.set_transfer_gain(torch.tensor([-0.5, 1.0, 2.0]))
@@ -175,4 +176,4 @@ def test_transfer_ranking_ranks_by_the_measured_gains_and_needs_them():
     with pytest.raises(ValueError, match="transfer gain has shape"):
         module.set_transfer_gain(torch.zeros(2))
     with pytest.raises(ValueError, match="unknown ranking"):
-        DTVGPrompt(init, target, sources, ranking="loss")
+        DTVGPrompt(init, target, sources, DTVGConfig(ranking="loss"))

@@ -13,7 +13,7 @@ import torch
 
 from dtvg_scale.method import merge as merging
 from dtvg_scale.method import selection, similarities
-from dtvg_scale.method.knobs import VARIANT_DEFAULTS, VARIANT_KNOBS
+from dtvg_scale.method.config import VARIANT_DEFAULTS, VARIANT_KNOBS
 from dtvg_scale.method.merge import init_scales, merge, merge_prompt
 from dtvg_scale.method.selection import decide, group_objective, group_scores
 from dtvg_scale.method.similarities import SIMILARITIES, center

@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dtvg_scale.method.knobs import VARIANT_KNOBS
+from dtvg_scale.method.config import DTVGConfig
 from dtvg_scale.method import merge as merging
 from dtvg_scale.method.selection import GroupDecision, decide
 from dtvg_scale.method.similarities import POOLED_SIMILARITIES, scaled_token_means
-from dtvg_scale.method.strategies import MERGING_STRATEGIES, strategy_mask
+from dtvg_scale.method.strategies import strategy_mask
 
 __all__ = ["DTVGPrompt", "SoftPrompt", "sample_init_prompt"]
 
@@ -46,49 +46,22 @@ class SoftPrompt(nn.Module):
 class DTVGPrompt(nn.Module):
     """Stage II: the target prompt, the per-token scales and the frozen source task vectors.
 
-    Trainable: ``prompt`` (P_t, starts at the target's Stage-I prompt), ``target_scale`` [r] and
-    ``source_scales`` [K, r] (all ones at the start). Buffers: ``init_prompt`` and
+    Its knobs are a ``DTVGConfig`` (method/config.py). Trainable: ``prompt`` (P_t, starts at the
+    target's Stage-I prompt), ``target_scale`` [r] and ``source_scales`` [K, r] (``scale_init``). Buffers: ``init_prompt`` and
     ``source_tvs`` (inputs, not state: non-persistent, so checkpoints hold only what trains),
     and the ``fixed_group`` strategy's first decision (persistent, so a resumed run keeps it).
     """
 
-    def __init__(
-        self,
-        init_prompt: Tensor,
-        target_prompt: Tensor,
-        source_tvs: Tensor,
-        strategy: str = "dtvg",
-        threshold: float = 0.0,
-        kc_weight: float | None = None,
-        max_group_size: int | None = None,
-        similarity: str = "mean_dot",
-        selection: str = "greedy_prefix",
-        merge: str = "sum",
-        scale_init: str = "ones",
-        top_k: int | None = None,
-        temperature: float = 1.0,
-        ranking: str = "task_vector",
-    ) -> None:
+    def __init__(self, init_prompt: Tensor, target_prompt: Tensor, source_tvs: Tensor,
+                 config: DTVGConfig = DTVGConfig()) -> None:
         super().__init__()
-        if strategy not in MERGING_STRATEGIES:
-            raise ValueError(f"DTVGPrompt merges task vectors; strategy must be one of {', '.join(MERGING_STRATEGIES)}")
         if target_prompt.shape != init_prompt.shape or source_tvs.shape[1:] != init_prompt.shape:
             raise ValueError(
                 f"shape mismatch: P_init {tuple(init_prompt.shape)}, target prompt {tuple(target_prompt.shape)}, "
                 f"source task vectors {tuple(source_tvs.shape)} (expected [K, {init_prompt.shape[0]}, {init_prompt.shape[1]}])"
             )
         num_sources, length = source_tvs.shape[0], init_prompt.shape[0]
-        for knob, value in (("similarity", similarity), ("selection", selection), ("merge", merge),
-                            ("scale_init", scale_init), ("ranking", ranking)):
-            if value not in VARIANT_KNOBS[knob]:
-                raise ValueError(f"unknown {knob} {value!r}; known: {', '.join(VARIANT_KNOBS[knob])}")
-        self.strategy = strategy
-        self.threshold = threshold
-        self.kc_weight = kc_weight
-        self.max_group_size = max_group_size
-        self.similarity, self.selection, self.merge_mode = similarity, selection, merge
-        self.top_k, self.temperature = top_k, temperature
-        self.ranking = ranking
+        self.config = config  # validated when it was made
         self.register_buffer("init_prompt", init_prompt.detach().clone(), persistent=False)
         self.register_buffer("source_tvs", source_tvs.detach().clone(), persistent=False)
         self.register_buffer("fixed_mask", torch.zeros(num_sources, dtype=torch.bool))
@@ -98,7 +71,8 @@ class DTVGPrompt(nn.Module):
         self.register_buffer("transfer_gain", torch.zeros(num_sources, dtype=torch.float32))
         self.transfer_measured = False
         self.prompt = nn.Parameter(target_prompt.detach().clone())
-        target_scale, source_scales = merging.init_scales(num_sources, length, scale_init, dtype=init_prompt.dtype)
+        target_scale, source_scales = merging.init_scales(num_sources, length, config.scale_init,
+                                                          dtype=init_prompt.dtype)
         self.target_scale = nn.Parameter(target_scale)
         self.source_scales = nn.Parameter(source_scales)
 
@@ -112,25 +86,24 @@ class DTVGPrompt(nn.Module):
     def decide(self) -> tuple[Tensor, GroupDecision]:
         """The grouping decision, on detached scaled vectors; updates fixed_group's state."""
         ranked_by = None
-        if self.ranking == "transfer":
+        if self.config.ranking == "transfer":
             if not self.transfer_measured:
                 raise RuntimeError("ranking='transfer' needs set_transfer_gain() before the first step")
             ranked_by = self.transfer_gain
         with torch.no_grad():
             target_tv = self.prompt - self.init_prompt
-            if self.similarity in POOLED_SIMILARITIES:  # token means only: one pass over the sources
+            if self.config.similarity in POOLED_SIMILARITIES:  # token means only: one pass over the sources
                 scaled_target = scaled_token_means(self.target_scale, target_tv)
                 scaled_sources = scaled_token_means(self.source_scales, self.source_tvs)
             else:
                 scaled_target = self.target_scale.unsqueeze(-1) * target_tv
                 scaled_sources = self.source_scales.unsqueeze(-1) * self.source_tvs
-            decision = decide(scaled_target, scaled_sources, self.similarity, self.selection,
-                                       self.threshold, self.kc_weight, self.max_group_size, self.top_k,
-                                       target_sim=ranked_by)
-            mask, fixed_mask, fixed_decided = strategy_mask(
-                self.strategy, decision, self.threshold, self.fixed_mask, self.fixed_decided
-            )
-            if self.strategy == "fixed_group" and self.training:
+            c = self.config
+            decision = decide(scaled_target, scaled_sources, c.similarity, c.selection, c.threshold, c.kc_weight,
+                              c.max_group_size, c.top_k, target_sim=ranked_by)
+            mask, fixed_mask, fixed_decided = strategy_mask(c.strategy, decision, c.threshold, self.fixed_mask,
+                                                            self.fixed_decided)
+            if c.strategy == "fixed_group" and self.training:
                 self.fixed_mask.copy_(fixed_mask)
                 self.fixed_decided.copy_(fixed_decided)
         return mask, decision._replace(mask=mask, group_size=mask.sum())
@@ -143,6 +116,6 @@ class DTVGPrompt(nn.Module):
         mask, decision = self.decide()
         merged = merging.merge(
             self.init_prompt, self.prompt - self.init_prompt, self.target_scale, self.source_tvs, self.source_scales,
-            mask, self.merge_mode, target_sim=decision.target_sim, temperature=self.temperature,
+            mask, self.config.merge, target_sim=decision.target_sim, temperature=self.config.temperature,
         )
         return merged, decision

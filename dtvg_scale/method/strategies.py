@@ -21,33 +21,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dtvg_scale.method.knobs import PRESETS
 from dtvg_scale.method.selection import GroupDecision
 
 STRATEGIES: tuple[str, ...] = ("dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot")
 MERGING_STRATEGIES: tuple[str, ...] = tuple(s for s in STRATEGIES if s != "spot")
 
 
-PRESET_SEPARATOR = "-"
-
-
 def check_strategy(name: str) -> None:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; known strategies: {', '.join(STRATEGIES)}")
-
-
-def split_strategy(name: str) -> tuple[str, str | None]:
-    """``"dtvg-transfer"`` -> ``("dtvg", "transfer")``; ``"dtvg"`` -> ``("dtvg", None)``. Raises
-    ValueError naming what is known when the strategy, the preset or the pair is not."""
-    strategy, separator, preset = name.partition(PRESET_SEPARATOR)
-    check_strategy(strategy)
-    if not separator:
-        return strategy, None
-    if strategy not in MERGING_STRATEGIES:
-        raise ValueError(f"strategy {name!r}: a preset applies to merging strategies ({', '.join(MERGING_STRATEGIES)})")
-    if preset not in PRESETS:
-        raise ValueError(f"strategy {name!r}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
-    return strategy, preset
 
 
 def strategy_mask(
