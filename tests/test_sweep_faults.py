@@ -179,5 +179,9 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
         assert "FINISHED" in status[trial["trial"]] and set(status[trial["trial"]]) <= {"FINISHED", "KILLED"}
     for trial in ran_before:
         assert status[trial] == ["FINISHED"]
-    for trial in cut_off:  # ran again after the restart; the run the killed driver had started ends KILLED
-        assert sorted(status[trial]) == ["FINISHED", "KILLED"], status
+    # ran again after the restart. The held trial was cut off mid-run: the run the killed driver had
+    # started ends KILLED. Another trial saved as running may have finished in the moment between
+    # Tune's last save and the kill (seen under load): its first run is then FINISHED as well
+    for trial in cut_off:
+        assert sorted(status[trial]) in (["FINISHED", "KILLED"], ["FINISHED", "FINISHED"]), status
+    assert any("KILLED" in status[trial] for trial in cut_off), status
