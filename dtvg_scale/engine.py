@@ -307,14 +307,14 @@ class PromptRun:
         self.artifact_meta = artifact_meta or {}
         self.checkpoint_dir = spec.out_dir / "checkpoints"
         self.metrics_path = spec.out_dir / "metrics.jsonl"
-        self.trace_path = spec.out_dir / spec.recorder.file_name if spec.recorder else None
+        self.records_path = spec.out_dir / spec.recorder.file_name if spec.recorder else None
         self.best_score = -math.inf
         self.best_scores: dict[str, float] = {}
         self.best_step = -1
         self.best_prompt: Tensor | None = None
         self.best_group: list[str] | None = None  # Stage II: the sources merged into the best prompt
         self.pending_metrics: list[dict] = []
-        self.pending_trace: list[tuple[int, Any]] = []  # (step, record): kept on the device until a flush
+        self.pending_records: list[tuple[int, Any]] = []  # (step, record): kept on the device until a flush
         self.sharding = self._sharding()
 
     def _sharding(self) -> dict[str, Any]:
@@ -336,12 +336,12 @@ class PromptRun:
         """Write buffered metrics and records. The records stay on the device until here: one
         transfer per log interval instead of a host sync every step."""
         recorder = self.spec.recorder
-        if self.pending_trace and recorder is not None:
-            rows = recorder.rows([s for s, _ in self.pending_trace], [r for _, r in self.pending_trace])
-            self._write_jsonl(self.trace_path, rows)
+        if self.pending_records and recorder is not None:
+            rows = recorder.rows([s for s, _ in self.pending_records], [r for _, r in self.pending_records])
+            self._write_jsonl(self.records_path, rows)
             for row in rows:
                 self.tracker.log_metrics(recorder.metrics(row), step=row["step"])
-        self.pending_trace.clear()
+        self.pending_records.clear()
         self._write_jsonl(self.metrics_path, self.pending_metrics)
         for row in self.pending_metrics:
             flat = {k: v for k, v in row.items() if k not in ("step", "validation")}
@@ -427,8 +427,8 @@ class PromptRun:
         self.best_group = client_state.get("best_group")
         if self.ctx.is_main:
             _truncate_jsonl(self.metrics_path, step)
-            if self.trace_path is not None:
-                _truncate_jsonl(self.trace_path, step)
+            if self.records_path is not None:
+                _truncate_jsonl(self.records_path, step)
         return step + 1
 
     def _save_best(self) -> None:
@@ -446,7 +446,7 @@ class PromptRun:
         barrier()
         start = self._try_resume()
         if start == 0 and ctx.is_main:
-            for path in (self.metrics_path, self.trace_path):
+            for path in (self.metrics_path, self.records_path):
                 if path is not None:
                     path.unlink(missing_ok=True)
         pad_id = self.backbone.tokenizer.pad_token_id
@@ -482,7 +482,7 @@ class PromptRun:
             if record is not None and spec.recorder is not None:
                 if spec.check_rank_agreement and not all_ranks_equal(spec.recorder.agreement(record)):
                     raise TrainingError(f"{spec.name}: ranks took different decisions at step {step}")
-                self.pending_trace.append((step, record))
+                self.pending_records.append((step, record))
             lr = self.engine.get_lr()[0]
             self.pending_metrics.append({"step": step, "loss": mean_loss, "lr": lr})
             progress.step(step, mean_loss, self.best_score)
