@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dtvg_scale.method.config import DTVGConfig
 from dtvg_scale.method import merge as merging
+from dtvg_scale.method.config import DTVGConfig
 from dtvg_scale.method.selection import GroupDecision, decide
 from dtvg_scale.method.similarities import POOLED_SIMILARITIES, scaled_token_means
 from dtvg_scale.method.strategies import strategy_mask
@@ -47,9 +47,10 @@ class DTVGPrompt(nn.Module):
     """Stage II: the target prompt, the per-token scales and the frozen source task vectors.
 
     Its knobs are a ``DTVGConfig`` (method/config.py). Trainable: ``prompt`` (P_t, starts at the
-    target's Stage-I prompt), ``target_scale`` [r] and ``source_scales`` [K, r] (``scale_init``). Buffers: ``init_prompt`` and
-    ``source_tvs`` (inputs, not state: non-persistent, so checkpoints hold only what trains),
-    and the ``fixed_group`` strategy's first decision (persistent, so a resumed run keeps it).
+    target's Stage-I prompt), ``target_scale`` [r] and ``source_scales`` [K, r] (``scale_init``).
+    Buffers: ``init_prompt`` and ``source_tvs`` (inputs, not state: non-persistent, so checkpoints
+    hold only what trains), and the ``fixed_group`` strategy's first decision (persistent, so a
+    resumed run keeps it).
     """
 
     def __init__(self, init_prompt: Tensor, target_prompt: Tensor, source_tvs: Tensor,
