@@ -32,7 +32,11 @@ and SST-2 (the bundled 10k-row train subsets, capped), read in place from ``--da
    DTVG's ``group_trace.jsonl`` into ``<out>/report.md`` and ``<out>/summary.json``.
 
 A process whose results are all there is skipped, so the same command resumes a broken table
-and ``--analyse_only`` remakes the report from finished runs.
+and ``--analyse_only`` remakes the report from finished runs. ``--archive DIR`` keeps the table
+beyond the machine: finished runs are copied from DIR into ``--out`` before anything starts and
+from ``--out`` into DIR after every process (``dtvg_scale.run_archive``: no checkpoints, no
+plots, a few MB per seed), so a table that takes longer than a machine lives goes on from a
+committed DIR on the next machine.
 """
 
 from __future__ import annotations
@@ -42,10 +46,12 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -54,6 +60,7 @@ sys.path.insert(0, str(HERE))
 
 import analyse  # after the sys.path lines above: the sibling modules and dtvg_scale
 import pretrain
+from dtvg_scale import run_archive
 
 TARGETS = ("rte", "cb", "mrpc")
 SOURCES = ("mnli", "qnli", "qqp", "sst2")
@@ -178,7 +185,8 @@ def host_of(sources: tuple[str, ...]) -> str:
     raise SystemExit(f"the sources need one of {HOST_PREFERENCE} to host their Stage-I process")
 
 
-def train_sources(seed_dir: Path, args: list[str], sources: tuple[str, ...], s: Settings) -> Path:
+def train_sources(seed_dir: Path, args: list[str], sources: tuple[str, ...], s: Settings,
+                  keep: Callable[[], None] = lambda: None) -> Path:
     """Stage I of every source, once per seed, on its full (capped) train set."""
     out = seed_dir / "sources"
     if not all_done([out / "stage1" / t for t in sources]):
@@ -186,6 +194,7 @@ def train_sources(seed_dir: Path, args: list[str], sources: tuple[str, ...], s: 
         others = [t for t in sources if t != host]
         train([*args, f"data.target={host}", f"data.sources=[{','.join(others)}]", "run.stages=stage1",
                f"data.max_eval_samples={s.source_eval_cap}", f"run.output_dir={out}"], seed_dir / "train.log")
+        keep()
     return out / "stage1"
 
 
@@ -199,7 +208,8 @@ def link_sources(source_stage1: Path, stage1_dir: Path, sources: tuple[str, ...]
 
 
 def run_target(seed_dir: Path, args: list[str], source_stage1: Path, target: str, k: int,
-               sources: tuple[str, ...], variants: list[str], s: Settings, zero_shot: bool) -> None:
+               sources: tuple[str, ...], variants: list[str], s: Settings, zero_shot: bool,
+               keep: Callable[[], None] = lambda: None) -> None:
     base = seed_dir / f"{target}_k{k}"
     main = base / "main"
     log = base / "train.log"  # per target: two targets of a seed may run side by side
@@ -210,11 +220,13 @@ def run_target(seed_dir: Path, args: list[str], source_stage1: Path, target: str
     if not all_done(wanted + ([main / "zero_shot"] if zero_shot else [])):
         train([*target_args, f"run.output_dir={main}", f"stage2.strategies=[{','.join(STRATEGIES)}]",
                f"run.zero_shot={str(zero_shot).lower()}"], log)
+        keep()
     for name in variants:
         strategy, overrides = VARIANTS[name]
         if not all_done([base / name / "stage2" / strategy]):
             train([*target_args, *overrides, f"run.output_dir={base / name}", "run.stages=stage2",
                    f"run.stage1_dir={main / 'stage1'}", f"stage2.strategies=[{strategy}]"], log)
+            keep()
 
 
 def run_table(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, t0: float, backbone: str) -> None:
@@ -224,15 +236,23 @@ def run_table(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, 
     before any target job, so a target job only ever waits for one that is running or done."""
     sources = tuple(args.sources)
     common = {seed: base_args(backbone, data_dir, seed, s, sources) for seed in args.seeds}
+    archiving = threading.Lock()  # two workers may finish processes of one seed at once
+
+    def keeper(seed: int) -> Callable[[], None]:
+        def keep() -> None:
+            if args.archive:
+                with archiving:
+                    run_archive.archive(out / f"seed{seed}", Path(args.archive) / f"seed{seed}")
+        return keep
 
     def seed_sources(seed: int) -> Path:
-        stage1 = train_sources(out / f"seed{seed}", common[seed], sources, s)
+        stage1 = train_sources(out / f"seed{seed}", common[seed], sources, s, keeper(seed))
         print(f"seed {seed}: sources done at {time.time() - t0:.0f} s", flush=True)
         return stage1
 
     def target_runs(seed: int, target: str, k: int, source_stage1) -> None:
         run_target(out / f"seed{seed}", common[seed], source_stage1.result(), target, k, sources, args.variants, s,
-                   zero_shot=s.zero_shot and seed == args.seeds[0])
+                   zero_shot=s.zero_shot and seed == args.seeds[0], keep=keeper(seed))
         print(f"seed {seed}: {target} K={k} done at {time.time() - t0:.0f} s", flush=True)
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -259,6 +279,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="default: the backbone's settings'")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train.py processes side by side (a seed's sources, or one target of a seed); 1 while another job shares the cores")
+    parser.add_argument("--archive", help="a folder that keeps the finished runs (to commit): restored into --out "
+                        "before the table starts, updated after every process")
     parser.add_argument("--quick", action="store_true", help="tiny steps and backbone: a smoke test")
     parser.add_argument("--analyse_only", action="store_true")
     return parser.parse_args(argv)
@@ -277,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     sources = tuple(args.sources)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if args.archive:
+        back = run_archive.restore(Path(args.archive), out)
+        print(f"restored {len(back)} files of finished runs from {args.archive}", flush=True)
     if not args.analyse_only:
         import torch
 
@@ -298,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     text = analyse.report(summary, command)
     (out / "report.md").write_text(text)
+    if args.archive:
+        run_archive.archive(out, Path(args.archive))  # the report too, and whatever a process left unkept
     print(text, flush=True)
     return 0
 
