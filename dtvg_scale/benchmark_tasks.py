@@ -64,7 +64,7 @@ import regex
 import torch
 
 from dtvg_scale import metrics
-from dtvg_scale.embedded import Example
+from dtvg_scale.examples import Example
 
 if TYPE_CHECKING:  # imported where a split is read: ~0.6 s at every start that most runs never need
     import datasets
@@ -99,7 +99,7 @@ VALIDATION_FROM_TRAIN = 1000  # the prior code's validation size for large tasks
 
 @dataclass(frozen=True)
 class BenchmarkExample(Example):
-    """An :class:`~dtvg_scale.embedded.Example` that also carries what scoring needs and the
+    """An :class:`~dtvg_scale.examples.Example` that also carries what scoring needs and the
     text does not show: all gold ``answers`` (ReCoRD/SQuAD/MRQA) and the question ``group``
     (MultiRC's EM is per question). It is an ``Example``, so the pipeline sees source/target."""
 

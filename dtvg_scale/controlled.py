@@ -38,15 +38,14 @@ The world
 
   The target is few-shot (``TARGET_TRAIN`` = 8 training examples, 4 per class, whatever ``n_train``
   asks): that is the regime in which transferring from sources can help at all.
-* Deterministic streams (crc32 of seed/task/split), balanced label pairs, disjoint splits,
-  as in ``embedded``.
+* Deterministic streams (crc32 of seed/task/split), balanced label pairs, disjoint splits:
+  every synthetic world's rules (``dtvg_scale.synthetic``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import time
 import zlib
 from dataclasses import dataclass
@@ -54,7 +53,9 @@ from pathlib import Path
 
 import transformers
 
-from dtvg_scale.embedded import Example, TaskSplits, UnknownEmbeddedTaskError
+from dtvg_scale import synthetic
+from dtvg_scale.examples import Example
+from dtvg_scale.synthetic import PlantedTask, Surface, TaskSplits, World, check_family
 
 LABELS: tuple[str, ...] = ("0", "1")
 WORDS: tuple[str, ...] = tuple(f"c{i:02d}" for i in range(48))
@@ -62,103 +63,61 @@ KEYS: tuple[str, ...] = WORDS[:8]
 RULES: tuple[str, ...] = tuple(f"r{j:02d}" for j in range(2 * len(KEYS)))
 TARGET_TRAIN = 8
 
-_SURFACES = {"full": (6, 12, WORDS[8:]), "short": (6, 9, WORDS[8:32]), "long": (9, 12, WORDS[24:])}
-
-
-@dataclass(frozen=True)
-class _Def:
-    relation: str
-    key: str
-    present: bool
-    surface: str
-
-
-_TASKS: dict[str, _Def] = {
-    "ctl_target": _Def("target", "c00", True, "full"),
-    "ctl_help_a": _Def("helpful", "c00", True, "short"),
-    "ctl_help_b": _Def("helpful", "c00", True, "long"),
-    "ctl_unrel_a": _Def("unrelated", "c01", True, "short"),
-    "ctl_unrel_b": _Def("unrelated", "c02", False, "long"),
-    "ctl_conf_a": _Def("conflicting", "c00", False, "short"),
-    "ctl_conf_b": _Def("conflicting", "c00", False, "long"),
-}
-CONTROLLED_TASKS: tuple[str, ...] = tuple(_TASKS)
+WORLD = World(
+    name="controlled",
+    labels=LABELS,
+    words=WORDS,
+    keys=KEYS,
+    surfaces={
+        "full": Surface(6, 12, WORDS[8:]),
+        "short": Surface(6, 9, WORDS[8:32]),
+        "long": Surface(9, 12, WORDS[24:]),
+    },
+    tasks={
+        "ctl_target": PlantedTask("target", "c00", True, "full"),
+        "ctl_help_a": PlantedTask("helpful", "c00", True, "short"),
+        "ctl_help_b": PlantedTask("helpful", "c00", True, "long"),
+        "ctl_unrel_a": PlantedTask("unrelated", "c01", True, "short"),
+        "ctl_unrel_b": PlantedTask("unrelated", "c02", False, "long"),
+        "ctl_conf_a": PlantedTask("conflicting", "c00", False, "short"),
+        "ctl_conf_b": PlantedTask("conflicting", "c00", False, "long"),
+    },
+    # A separator, not a prefix ("0dtvg-controlled/ctl_target..."): kept as first written, since
+    # the pinned golden results hold data drawn from these streams.
+    stream_key=lambda parts: "dtvg-controlled/".join(map(str, parts)),
+    target_train=TARGET_TRAIN,
+    extra_tokens=RULES,
+)
+CONTROLLED_TASKS: tuple[str, ...] = WORLD.task_names
 CONTROLLED_TARGET = CONTROLLED_TASKS[0]
 CONTROLLED_SOURCES = CONTROLLED_TASKS[1:]
 
 
 def relation(name: str) -> str:
-    return _def(name).relation
+    return WORLD.task(name).relation
 
 
 def relations() -> dict[str, str]:
-    return {name: d.relation for name, d in _TASKS.items()}
+    return {name: task.relation for name, task in WORLD.tasks.items()}
 
 
-def _def(name: str) -> _Def:
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise UnknownEmbeddedTaskError(f"unknown controlled task {name!r}; known: {', '.join(CONTROLLED_TASKS)}") from None
-
-
-def _rng(*parts) -> random.Random:
-    return random.Random(zlib.crc32("dtvg-controlled/".join(map(str, parts)).encode()))
-
-
-def _sample(rng: random.Random, surface: str, key: str, key_present: bool) -> list[str]:
-    lo, hi, fillers = _SURFACES[surface]
-    length = rng.randint(lo, hi)
-    present = []
-    for word in KEYS:
-        coin = rng.random() < 0.5
-        if key_present if word == key else coin:
-            present.append(word)
-    words = [rng.choice(fillers) for _ in range(max(length - len(present), 1))]
-    for word in present:
-        words.insert(rng.randint(0, len(words)), word)
-    return words
-
-
-def _generate(prefix: str, key: str, present: bool, surface: str, rng: random.Random, n: int, seen: set) -> list[Example]:
-    out: list[Example] = []
-    pair: list[str] = []
-    while len(out) < n:
-        if not pair:
-            pair = list(LABELS)
-            rng.shuffle(pair)
-        label = pair.pop()
-        for _ in range(10_000):
-            source = " ".join([prefix, *_sample(rng, surface, key, (label == "1") == present)])
-            if source not in seen:
-                break
-        seen.add(source)
-        out.append(Example(source, label))
-    return out
-
-
-def controlled_task(name: str, seed: int = 0, n_train: int = 512, n_validation: int = 128, n_test: int = 128) -> TaskSplits:
-    """Splits of one held-out task (test, then validation, then train; train nests)."""
-    d = _def(name)
-    if d.relation == "target":
-        n_train = min(n_train, TARGET_TRAIN)
-    seen: set[str] = set()
-    test = _generate(name, d.key, d.present, d.surface, _rng(seed, name, "test"), n_test, seen)
-    validation = _generate(name, d.key, d.present, d.surface, _rng(seed, name, "validation"), n_validation, seen)
-    train = _generate(name, d.key, d.present, d.surface, _rng(seed, name, "train"), n_train, seen)
-    return TaskSplits(name, train, validation, test, d.relation, LABELS)
+def controlled_task(name: str, seed: int = 0, n_train: int = 512, n_validation: int = 128,
+                    n_test: int = 128) -> TaskSplits:
+    """Splits of one held-out task (test, then validation, then train; train nests; the target's
+    train is capped at ``TARGET_TRAIN``)."""
+    return WORLD.splits(name, seed, n_train, n_validation, n_test)
 
 
 def pretraining_examples(n: int, seed: int = 0) -> list[Example]:
     """The broad mixture: every rule token on every surface, balanced labels."""
-    rng = _rng(seed, "pretrain")
+    rng = WORLD.stream(seed, "pretrain")
     out: list[Example] = []
     for i in range(n):
         j = rng.randrange(len(RULES))
-        surface = rng.choice(sorted(_SURFACES))
+        surface = rng.choice(sorted(WORLD.surfaces))
         label = LABELS[i % 2]
         present = j % 2 == 0
-        words = _sample(rng, surface, KEYS[j // 2], (label == "1") == present)
+        words = WORLD.sample_words(rng, WORLD.surfaces[surface], KEYS[j // 2], (label == "1") == present)
         out.append(Example(" ".join([RULES[j], *words]), label))
     return out
 
@@ -167,41 +126,12 @@ def pretraining_examples(n: int, seed: int = 0) -> list[Example]:
 # Tokenizer and pretrained backbone
 # ---------------------------------------------------------------------------------------
 
-FAMILIES: tuple[str, ...] = ("t5", "llama")
-
-# Special tokens, post-processing template and tokenizer kwargs per family, laid out as the
-# embedded world's tokenizers are (dtvg_scale/embedded.py), so data.encode_examples treats them alike.
-_TOKENIZER_LAYOUT = {
-    # T5: pad 0 (also the decoder start), eos 1 appended, unk 2
-    "t5": (["<pad>", "</s>", "<unk>"], ("$A </s>", "$A </s> $B </s>", [("</s>", 1)]),
-           {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}),
-    # LLaMA: unk 0, bos 1 prepended, eos 2 (appended to targets by encode_examples), pad 3
-    "llama": (["<unk>", "<s>", "</s>", "<pad>"], ("<s> $A", "<s> $A <s> $B", [("<s>", 1)]),
-              {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
-}
-
-
-def _check_family(family: str) -> str:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown backbone family {family!r}; expected one of {FAMILIES}")
-    return family
+FAMILIES = synthetic.FAMILIES
 
 
 def build_tokenizer(out_dir: str | os.PathLike, family: str = "t5") -> transformers.PreTrainedTokenizerBase:
-    """Word-level tokenizer over this world for ``family`` (see ``_TOKENIZER_LAYOUT``), saved and reloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    specials, (single, pair, template_specials), special_kwargs = _TOKENIZER_LAYOUT[_check_family(family)]
-    tokens = [*specials, *LABELS, *CONTROLLED_TASKS, *RULES, *WORDS]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=template_specials)
-    backend.add_special_tokens(specials)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
-                                                model_max_length=512, **special_kwargs)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
-    return transformers.AutoTokenizer.from_pretrained(out_dir)
+    """Word-level tokenizer over this world (rule tokens included) for ``family``, saved and reloaded."""
+    return synthetic.build_tokenizer(out_dir, family, words=WORLD.tokens())
 
 
 STAMP = "controlled_pretrain.json"  # written last: a folder with it holds a complete build
@@ -237,7 +167,7 @@ def pretrained_backbone(cache_dir: str | os.PathLike, family: str = "t5", log=pr
     import shutil
     import tempfile
 
-    cfg = PRETRAINED[_check_family(family)]
+    cfg = PRETRAINED[check_family(family)]
     key = zlib.crc32(json.dumps([family, dataclasses.asdict(cfg)], sort_keys=True).encode())
     out = Path(cache_dir) / f"controlled_{family}_{key:08x}"
     if (out / STAMP).is_file():
@@ -277,11 +207,11 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
             return stamp
     tok = build_tokenizer(out, family)
     torch.manual_seed(cfg.seed)
-    model = _make_model(family, tok, cfg)
+    model = make_model(family, tok, cfg)
     decoder_only = not model.config.is_encoder_decoder
     data = pretraining_examples(cfg.n_examples, cfg.seed)
     held = pretraining_examples(512, cfg.seed + 1)
-    all_ids, all_mask, all_labels = _encode(tok, data, decoder_only)  # once: the tokenizer is slow per step
+    all_ids, all_mask, all_labels = encode(tok, data, decoder_only)  # once: the tokenizer is slow per step
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * max(0.05, 1 - s / cfg.steps))
@@ -317,15 +247,13 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
     return stamp
 
 
-def _make_model(family: str, tok, cfg: PretrainConfig):
-    """The untrained backbone; the configs are the embedded world's (same T5 config as before)."""
-    from dtvg_scale.embedded import make_tiny_model
-
-    vocab_size = -(-len(tok) // 8) * 8
-    return make_tiny_model(family, tok, vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.d_ff)
+def make_model(family: str, tok, cfg: PretrainConfig):
+    """The untrained backbone that ``pretrain`` trains."""
+    return synthetic.make_tiny_model(family, tok, synthetic.padded_vocab_size(tok), cfg.d_model, cfg.num_layers,
+                                     cfg.num_heads, cfg.d_ff)
 
 
-def _encode(tok, rows: list[Example], decoder_only: bool):
+def encode(tok, rows: list[Example], decoder_only: bool):
     """(input_ids, attention_mask, labels) of all ``rows``, padded right to the longest row.
 
     T5: source -> target, each closed by eos. Decoder-only: exactly what the prompt-tuning

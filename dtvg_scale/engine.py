@@ -493,7 +493,8 @@ class PromptRun:
                 scores = self._score(rows, spec.validation, spec.validation_examples)
                 self.pending_metrics.append({"step": step, "validation": scores})
                 if scores["mean"] > self.best_score:
-                    self.best_score, self.best_scores, self.best_step, self.best_prompt = scores["mean"], scores, step, rows
+                    self.best_score, self.best_scores = scores["mean"], scores
+                    self.best_step, self.best_prompt = step, rows
                     if merged_with is not None and spec.recorder is not None:  # the group inside the evaluated P_mix
                         self.best_group = spec.recorder.merged(merged_with)
                 progress.evaluated(step, scores["mean"], self.best_score)

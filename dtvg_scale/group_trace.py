@@ -28,6 +28,11 @@ FILE_NAME = "group_trace.jsonl"
 DECISION_FIELDS = ("mask", "target_sim", "kc", "num_candidates", "group_size")  # of a GroupDecision
 
 
+def selected_names(source_names: Sequence[str], mask: Sequence[bool]) -> list[str]:
+    """The sources a decision's mask keeps, by name, in the sources' order."""
+    return [name for name, selected in zip(source_names, mask, strict=True) if selected]
+
+
 def trace_rows(steps: Sequence[int], source_names: Sequence[str], mask: list[list[bool]],
                target_sim: list[list[float]], kc: list[list[float]], candidates: list[int],
                group_size: list[int]) -> list[dict[str, Any]]:
@@ -39,7 +44,7 @@ def trace_rows(steps: Sequence[int], source_names: Sequence[str], mask: list[lis
             "kc": kc[i],
             "candidates": candidates[i],
             "group_size": group_size[i],
-            "group": [name for name, selected in zip(source_names, mask[i]) if selected],
+            "group": selected_names(source_names, mask[i]),
         }
         for i, step in enumerate(steps)
     ]
@@ -67,7 +72,7 @@ class GroupTraceRecorder:
         return step_metrics(row)
 
     def merged(self, decision) -> list[str]:
-        return [name for name, chosen in zip(self.source_names, decision.mask.tolist()) if chosen]
+        return selected_names(self.source_names, decision.mask.tolist())
 
     def module_metrics(self, module: nn.Module) -> dict[str, float]:
         target, per_source = module.scale_norms()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dtvg_scale import benchmark_tasks as bt
-from dtvg_scale.embedded import Example
+from dtvg_scale.examples import Example
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(

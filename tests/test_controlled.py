@@ -35,7 +35,7 @@ def test_world_is_registered_and_planted():
         srcs = [e.source for e in (*s.train, *s.validation, *s.test)]
         assert len(set(srcs)) == len(srcs)  # disjoint splits
         assert sum(e.target == "1" for e in s.train) == len(s.train) // 2  # balanced
-        d = controlled._def(name)
+        d = controlled.WORLD.task(name)
         for e in s.train:
             assert (e.target == "1") == ((d.key in e.source.split()) == d.present)
 
@@ -90,13 +90,13 @@ def test_llama_pretraining_format_is_the_pipelines(tmp_path):
     bos, the source, then the target closed by eos, with loss on the target tokens only."""
     tok = controlled.build_tokenizer(tmp_path, "llama")
     rows = controlled.pretraining_examples(4)
-    ids, mask, labels = controlled._encode(tok, rows, decoder_only=True)
+    ids, mask, labels = controlled.encode(tok, rows, decoder_only=True)
     for row, r_ids, r_mask, r_labels in zip(rows, ids, mask, labels):
         n = int(r_mask.sum())
         assert tok.decode(r_ids[:n]) == f"<s> {row.source} {row.target} </s>"
         assert r_labels[r_mask.bool()].tolist() == [-100] * (n - 2) + [tok.convert_tokens_to_ids(row.target),
                                                                          tok.eos_token_id]
-    model = controlled._make_model("llama", tok, controlled.PretrainConfig(d_model=32, d_ff=64))
+    model = controlled.make_model("llama", tok, controlled.PretrainConfig(d_model=32, d_ff=64))
     assert not model.config.is_encoder_decoder and model.config.vocab_size >= len(tok)
 
 

@@ -74,8 +74,6 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
                     *TINY, f"model.name_or_path=embedded:{family}", f"run.output_dir={out}", *tracked, *transfer,
                     threads=1)
     _check(result)
-    # every score and every step's group decision as pinned (tests/golden: a refactor keeps them)
-    golden.check(golden.snapshot(out), f"two_ranks_{family}")
     assert "DTVG group over time" in result.stdout and "Share of Stage-II steps" in result.stdout
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["stage2"]) == {"dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot",
@@ -131,6 +129,9 @@ def test_two_stage_pipeline_on_two_ranks(tmp_path, family):
         assert {"group/size", "group/kc", "in_group/emb_conf_a", "scale_norm/target"} <= set(dtvg.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(dtvg.info.run_id)}
         assert {"group_trace_heatmap.png", "similarity_over_time.png", "best_prompt.safetensors"} <= artifacts
+    # last (it skips on a machine without pinned results): every score and every step's group
+    # decision as pinned (tests/golden: a refactor keeps them)
+    golden.check(golden.snapshot(out), f"two_ranks_{family}")
 
 
 def test_resume_gives_the_same_prompt_as_an_uninterrupted_run(tmp_path):

@@ -10,13 +10,13 @@ import pytest
 import torch
 import transformers
 
+from dtvg_scale.examples import Example
+from dtvg_scale.synthetic import TaskSplits
 from dtvg_scale.embedded import (
     EMBEDDED_LABELS,
     EMBEDDED_SOURCES,
     EMBEDDED_TARGET,
     EMBEDDED_TASKS,
-    Example,
-    TaskSplits,
     build_tiny_backbone,
     build_tokenizer,
     embedded_corpus_text,

@@ -1,6 +1,6 @@
 """The README's main job, pinned: every score of its ``results.json`` and every Stage-II group trace
 (the embedded default, seed 0, 2 ranks under ZeRO-3, one thread per rank) equal
-``tests/golden/embedded_default.json``.
+``tests/golden/<machine>/embedded_default.json`` (``tests/golden/__init__.py``: golden results are pinned per machine).
 
 It takes ~4.5 minutes on 2 CPU cores, more than the suite can spend, so it runs only when asked::
 

@@ -59,7 +59,7 @@ class DTVGPrompt(nn.Module):
         if target_prompt.shape != init_prompt.shape or source_tvs.shape[1:] != init_prompt.shape:
             raise ValueError(
                 f"shape mismatch: P_init {tuple(init_prompt.shape)}, target prompt {tuple(target_prompt.shape)}, "
-                f"source task vectors {tuple(source_tvs.shape)} (expected [K, {init_prompt.shape[0]}, {init_prompt.shape[1]}])"
+                f"source task vectors {tuple(source_tvs.shape)} (expected [K, {', '.join(map(str, init_prompt.shape))}])"
             )
         num_sources, length = source_tvs.shape[0], init_prompt.shape[0]
         self.config = config  # validated when it was made
