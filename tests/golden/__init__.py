@@ -42,6 +42,8 @@ REL, ABS = 1e-6, 1e-9
 
 # Run in a fresh one-thread process, like the pinned runs' ranks (OMP_NUM_THREADS=1): a tiny T5 and
 # a tiny LLaMA from fixed seeds, forward and backward, and a bf16 product; the hash of every bit.
+# The models are built here, not by dtvg_scale (synthetic.make_tiny_model), so that no change to the
+# package can change the name of the machine.
 _FINGERPRINT_SCRIPT = """
 import hashlib, torch, transformers
 torch.manual_seed(0)
