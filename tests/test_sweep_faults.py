@@ -122,11 +122,6 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
         cluster = {node.pid for node in nodes}
         victim = wait_for(lambda: training_trial_workers(seen, cluster), "a trial to train")[0]
         os.kill(victim, signal.SIGKILL)  # a trial crashes (an OOM kill, a segfault)
-        # Tune records the crash before any trial is held: a driver that learns of the crash while
-        # a trial is stopped saved no state again (seen under load); trials are watched meanwhile
-        # so that the fourth to start is counted as the fourth
-        wait_for(lambda: (nth_trial_worker(seen, cluster, 1), "ERROR" in saved_trials(experiment_dir).values())[1],
-                 "the crash in Tune's saved state", every=0.5)
         # the fourth trial starts once another has finished: hold it there, so that it is still
         # running when Tune next saves its state (a trial of a few seconds could start and end
         # between two saves, and the saved state never show a running trial: seen in CI)
