@@ -34,8 +34,8 @@ and SST-2 (the bundled 10k-row train subsets, capped), read in place from ``--da
 A process whose results are all there is skipped, so the same command resumes a broken table
 and ``--analyse_only`` remakes the report from finished runs. ``--archive DIR`` keeps the table
 beyond the machine: finished runs are copied from DIR into ``--out`` before anything starts and
-from ``--out`` into DIR after every process (``dtvg_scale.run_archive``: no checkpoints, no
-plots, a few MB per seed), so a table that takes longer than a machine lives goes on from a
+from ``--out`` into DIR after every process and every ``--archive_every`` seconds (a process may
+finish runs for hours; ``dtvg_scale.run_archive``: no checkpoints, no plots, a few MB per seed), so a table that takes longer than a machine lives goes on from a
 committed DIR on the next machine.
 """
 
@@ -255,12 +255,27 @@ def run_table(out: Path, data_dir: Path, s: Settings, args: argparse.Namespace, 
                    zero_shot=s.zero_shot and seed == args.seeds[0], keep=keeper(seed))
         print(f"seed {seed}: {target} K={k} done at {time.time() - t0:.0f} s", flush=True)
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        stage1 = {seed: pool.submit(seed_sources, seed) for seed in args.seeds}
-        jobs = [pool.submit(target_runs, seed, target, k, stage1[seed])
-                for seed in args.seeds for target in args.targets for k in args.k_shots]
-        for future in [*stage1.values(), *jobs]:
-            future.result()  # re-raises a failed job's SystemExit here
+    # A process finishes many runs (a seed's four sources are one ~1.5 CPU-hour process), so the
+    # per-process keep() alone leaves finished runs on local disk for hours: archive on a timer too.
+    stop = threading.Event()
+
+    def archive_every(seconds: float) -> None:
+        while not stop.wait(seconds):
+            with archiving:
+                run_archive.archive(out, Path(args.archive))
+
+    timer = threading.Thread(target=archive_every, args=(args.archive_every,), daemon=True)
+    if args.archive:
+        timer.start()
+    try:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            stage1 = {seed: pool.submit(seed_sources, seed) for seed in args.seeds}
+            jobs = [pool.submit(target_runs, seed, target, k, stage1[seed])
+                    for seed in args.seeds for target in args.targets for k in args.k_shots]
+            for future in [*stage1.values(), *jobs]:
+                future.result()  # re-raises a failed job's SystemExit here
+    finally:
+        stop.set()
 
 
 # ------------------------------------------------------------------------------ main
@@ -280,7 +295,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="train.py processes side by side (a seed's sources, or one target of a seed); 1 while another job shares the cores")
     parser.add_argument("--archive", help="a folder that keeps the finished runs (to commit): restored into --out "
-                        "before the table starts, updated after every process")
+                        "before the table starts, updated after every process and every --archive_every seconds")
+    parser.add_argument("--archive_every", type=float, default=300.0,
+                        help="seconds between two copies of the finished runs into --archive while the table runs")
     parser.add_argument("--quick", action="store_true", help="tiny steps and backbone: a smoke test")
     parser.add_argument("--analyse_only", action="store_true")
     return parser.parse_args(argv)
