@@ -26,7 +26,9 @@ Faults: a crashed trial does not stop the sweep (its MLflow run ends FAILED; ``b
 every trial with its status, score, Ray node and error). A sweep whose driver died (``kill -9``,
 a time limit) continues when the same command is started again (Tune's restore): finished and
 crashed trials stay as they were, trials cut off run again, and the runs the dead driver had
-opened for them end KILLED.
+opened for them end KILLED. One exception, Ray's (2.60): a trial that crashed shortly before the
+driver died may have been saved as still running (Tune saves a trial's ERROR only if it handles the
+failed task before Ray reports the dead worker); the restore then runs it again like a cut-off trial.
 
 Trials of one rank run in the Tune worker process itself (a process group of one);
 ``--ranks_per_trial N`` runs each trial on N ranks through Ray Train's TorchTrainer (Train V2: a

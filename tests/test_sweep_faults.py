@@ -3,8 +3,9 @@ commands its dry run prints become a two-node Ray cluster here ("localhost" and 
 CPU each), the sweep attaches with `--address auto`, one trial's worker is killed (a crashed
 trial), the last trial is held mid-run (SIGSTOP: trials take seconds here, Tune saves its state
 every ~10 s), then the sweep's driver is killed with `kill -9`; the same command started again
-continues where it stopped. Trials ran on both nodes, the crash is listed, no MLflow run is left
-RUNNING, and trials that had finished were not run again."""
+continues where it stopped. Trials ran on both nodes, the crash is listed (or, when Tune never saved
+it, the crashed trial ran again: below), no MLflow run is left RUNNING, and trials that had
+finished were not run again."""
 
 import contextlib
 import json
@@ -91,6 +92,11 @@ def saved_trials(experiment_dir: Path) -> dict[str, str]:
     return {trial["trial_id"]: trial["status"] for trial in (json.loads(data[0]) for data in trial_data)}
 
 
+def crashed_trials(experiment_dir: Path) -> set[str]:
+    """Ids of the trials whose failure the driver has handled (Tune writes the trial's error.txt)."""
+    return {path.parent.name.removeprefix("dtvg_trial_") for path in experiment_dir.glob("dtvg_trial_*/error.txt")}
+
+
 def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(tmp_path):
     out, port = tmp_path / "sweep", free_port()
     sweep_args = ["--out", str(out), "--num_samples", "4", "--max_concurrent", "2", *TRIAL]
@@ -127,10 +133,15 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
         # between two saves, and the saved state never show a running trial: seen in CI)
         last = wait_for(lambda: nth_trial_worker(seen, cluster, 4), "the last trial to start")
         os.kill(last, signal.SIGSTOP)
-        # kill the driver once Tune's saved state has a crashed, a finished and a running trial
+        # kill the driver once it has handled the crash and its saved state has a finished and a
+        # running trial. Not waiting for ERROR in the saved state: in Ray 2.60 that may never come.
+        # When Ray reports the killed worker's death before Tune handles the failed task, Tune sets
+        # the trial to ERROR in memory (error.txt written) but returns from _schedule_trial_stop
+        # before marking it to be saved: every saved state keeps it RUNNING (a race; load decides)
         try:
-            saved = wait_for(lambda: {"ERROR", "TERMINATED", "RUNNING"} <= set((state := saved_trials(experiment_dir)).values())
-                             and state, "a saved state with a crashed, a finished and a running trial", every=0.5)
+            (crashed_id,) = wait_for(lambda: crashed_trials(experiment_dir), "the driver to handle the crash")
+            saved = wait_for(lambda: {"TERMINATED", "RUNNING"} <= set((state := saved_trials(experiment_dir)).values())
+                             and state, "a saved state with a finished and a running trial", every=0.5)
         except pytest.fail.Exception:
             os.killpg(first.pid, signal.SIGKILL)
             pytest.fail(f"{saved_trials(experiment_dir)}\n{first.communicate()[0][-5000:]}")
@@ -152,18 +163,25 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
             node.wait(timeout=60)
 
     best = json.loads((out / "best.json").read_text())
-    assert best["trials"] == 4 and best["failed_trials"] == 1, best
-    (crashed,) = [t for t in best["trial_list"] if t["status"] == "ERROR"]
-    assert crashed["error"]
-    assert "trial failed: " + crashed["trial"] in again.stderr
+    by_id = {t["trial"].rpartition("(")[2].rstrip(")"): t for t in best["trial_list"]}
+    crashed = by_id[crashed_id]
+    crash_was_saved = saved[crashed_id] == "ERROR"
+    if crash_was_saved:  # the restore keeps it crashed (resume_errored=False) and lists it
+        assert best["trials"] == 4 and best["failed_trials"] == 1, best
+        assert crashed["status"] == "ERROR" and crashed["error"]
+        assert "trial failed: " + crashed["trial"] in again.stderr
+    else:  # saved RUNNING (the race above): the restore ran it again, to the end
+        assert saved[crashed_id] == "RUNNING", saved
+        assert best["trials"] == 4 and best["failed_trials"] == 0, best
     finished = [t for t in best["trial_list"] if t["status"] == "TERMINATED"]
+    assert len(finished) == 4 - best["failed_trials"]
     assert all(t["validation_mean"] is not None for t in finished)
     assert len({t["node"] for t in finished}) == 2  # both nodes ran trials
     # trials that had finished before the kill were not run again: the same result, one MLflow run
     assert {name: finished_trials(experiment_dir)[name] for name in done_before} == done_before
-    by_id = {t["trial"].rpartition("(")[2].rstrip(")"): t["trial"] for t in best["trial_list"]}
-    ran_before = [by_id[trial_id] for trial_id, state in saved.items() if state == "TERMINATED"]
-    cut_off = [by_id[trial_id] for trial_id, state in saved.items() if state == "RUNNING"]
+    ran_before = [by_id[trial_id]["trial"] for trial_id, state in saved.items() if state == "TERMINATED"]
+    cut_off = [by_id[trial_id]["trial"] for trial_id, state in saved.items()
+               if state == "RUNNING" and trial_id != crashed_id]
 
     from mlflow.tracking import MlflowClient
 
@@ -174,9 +192,11 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
     for run in runs:
         status.setdefault(run.data.tags.get("trial_name", "sweep"), []).append(run.info.status)
     assert "RUNNING" not in {s for statuses in status.values() for s in statuses}, status
-    assert status[crashed["trial"]] == ["FAILED"]
-    for trial in finished:  # a trial cut off by the kill has a KILLED run beside its FINISHED one
-        assert "FINISHED" in status[trial["trial"]] and set(status[trial["trial"]]) <= {"FINISHED", "KILLED"}
+    # the crash ended its MLflow run FAILED; a crashed trial run again has a FINISHED run beside it
+    assert sorted(status[crashed["trial"]]) == (["FAILED"] if crash_was_saved else ["FAILED", "FINISHED"]), status
+    for trial in finished:
+        if trial is not crashed:  # a trial cut off by the kill has a KILLED run beside its FINISHED one
+            assert "FINISHED" in status[trial["trial"]] and set(status[trial["trial"]]) <= {"FINISHED", "KILLED"}
     for trial in ran_before:
         assert status[trial] == ["FINISHED"]
     # ran again after the restart. The held trial was cut off mid-run: the run the killed driver had
