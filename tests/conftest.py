@@ -15,9 +15,16 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
 
-# Longest first, measured on a 2-core machine (seconds of one worker, `--durations=0`).
-LONGEST_FILES = ["test_cli.py", "test_distributed.py", "test_real_backbone.py", "test_controlled.py",
-                 "test_sweep_faults.py", "test_tune.py", "test_two_nodes.py", "test_real_data.py"]
+# Longest first: seconds of one worker on a 2-core machine (Intel Xeon, `--durations=0`, session 12)
+LONGEST_FILES = ["test_distributed.py",  # 332
+                 "test_cli.py",  # 312
+                 "test_real_backbone.py",  # 185 (SmolLM2 on 2 ranks)
+                 "test_controlled.py",  # 146
+                 "test_tune.py",  # 123
+                 "test_sweep_faults.py",  # 115
+                 "test_two_nodes.py",  # 80
+                 "test_real_data.py",  # 67
+                 "test_export.py"]  # 42; every other file < 20
 
 
 def pytest_collection_modifyitems(items):
