@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from dtvg_scale.method.selection import EXACT_MAX_SOURCES
 from dtvg_scale.method.config import VARIANT_DEFAULTS, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
 from dtvg_scale.method.strategies import STRATEGIES
 
@@ -237,7 +238,10 @@ class Stage2Args(LoopArgs):
     top_k: int | None = _help("Group size of selection=top_k.", AT_LEAST_1, default=None)
     merge: str = _help("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
     temperature: float = _help("Softmax temperature of merge=softmax.", ABOVE_0, default=1.0)
-    scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros.", default="ones")
+    scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros, constant "
+                            "(stage2.scale_value).", default="ones")
+    scale_value: float | None = _help("Every source scale's start with stage2.scale_init=constant (only then).",
+                                      default=None)
     ranking: str = _help(
         "What ranks and thresholds the sources: task_vector (the paper: similarity of task vectors) or transfer "
         "(the target's training loss under each source's own Stage-I prompt, measured once before Stage II: "
@@ -320,6 +324,12 @@ class Config:
     stage1: Stage1Args = field(default_factory=Stage1Args)
     stage2: Stage2Args = field(default_factory=Stage2Args)
     run: RunArgs = field(default_factory=RunArgs)
+
+    def __post_init__(self) -> None:
+        # K is known now, so this need not wait for Stage II's first step (Stage I's gate only removes sources)
+        if self.stage2.selection == "exact" and len(self.data.sources) > EXACT_MAX_SOURCES:
+            raise ConfigError(f"stage2.selection=exact enumerates every subset of the sources: at most "
+                              f"{EXACT_MAX_SOURCES}, got {len(self.data.sources)} (use greedy_prefix or top_k)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

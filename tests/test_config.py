@@ -46,6 +46,10 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
         ({"model.precision": "fp8"}, "precision"),
         ({"steps": 3}, "unknown option 'steps'"),  # ambiguous: stage1 or stage2
         ({"data.eval_mode": "beam"}, "data.eval_mode must be generate or likelihood"),
+        ({"stage2.scale_init": "constant"}, "stage2.scale_init=constant needs stage2.scale_value"),
+        ({"stage2.scale_value": 0.5}, "stage2.scale_value is for stage2.scale_init=constant only"),
+        ({"stage2.selection": "exact", "data.sources": [f"s{i}" for i in range(17)]},
+         "stage2.selection=exact enumerates every subset of the sources: at most 16, got 17"),
     ],
 )
 def test_bad_options_fail_with_one_clear_message(values, message):

@@ -153,6 +153,10 @@ def test_dtvg_prompt_uses_the_variant_knobs():
     torch.testing.assert_close(mean_merge()[0], target + sources.mean(dim=0))
     zeros = DTVGPrompt(init, target, sources, DTVGConfig("all_sources", scale_init="zeros"))
     torch.testing.assert_close(zeros()[0], target)
+    constant = DTVGPrompt(init, target, sources, DTVGConfig("all_sources", scale_init="constant", scale_value=0.25))
+    torch.testing.assert_close(constant()[0], target + 0.25 * sources.sum(dim=0))
+    with pytest.raises(ValueError, match="scale_init=constant needs scale_value"):
+        DTVGConfig(scale_init="constant")
     with pytest.raises(ValueError, match="unknown similarity"):
         DTVGPrompt(init, target, sources, DTVGConfig(similarity="magic"))
 

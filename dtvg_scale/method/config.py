@@ -24,7 +24,7 @@ VARIANT_KNOBS: dict[str, tuple[str, ...]] = {
     "similarity": tuple(SIMILARITIES),  # decide(similarity=...)
     "selection": SELECTIONS,  # decide(selection=...); "exact" needs K <= 16, "top_k" needs top_k
     "merge": MERGES,  # merge(mode=...); "softmax" uses target_sim and temperature
-    "scale_init": SCALE_INITS,  # init_scales(mode=...); "constant" needs value
+    "scale_init": SCALE_INITS,  # init_scales(mode=...); "constant" needs scale_value
     # what ranks and thresholds the sources: task-vector similarity (the paper) or the
     # function-space transfer gain of dtvg_scale.transfer (decide(target_sim=...))
     "ranking": ("task_vector", "transfer"),
@@ -32,7 +32,7 @@ VARIANT_KNOBS: dict[str, tuple[str, ...]] = {
 """Categorical knob -> allowed values (first = the paper's default). Numeric knobs next to them:
 threshold (float, 0.0), kc_weight (float or None: KC alone for greedy_prefix, 1.0 for exact),
 max_group_size (int >= 1 or None), top_k (int >= 1, for selection "top_k"), temperature
-(float > 0, for merge "softmax"), scale value (float, for scale_init "constant")."""
+(float > 0, for merge "softmax"), scale_value (float, for scale_init "constant" only)."""
 
 VARIANT_DEFAULTS: dict[str, str] = {knob: values[0] for knob, values in VARIANT_KNOBS.items()}
 """The paper/code setting: mean_dot, greedy_prefix, sum, ones."""
@@ -80,6 +80,11 @@ def check_knobs(knobs: dict[str, Any], prefix: str = "") -> None:
     for knob, allowed in VARIANT_KNOBS.items():
         if knob in knobs and knobs[knob] not in allowed:
             raise ValueError(f"unknown {prefix}{knob} {knobs[knob]!r}; known: {', '.join(allowed)}")
+    if "scale_init" in knobs and (knobs["scale_init"] == "constant") != (knobs.get("scale_value") is not None):
+        raise ValueError(f"{prefix}scale_init=constant needs {prefix}scale_value (a number)"
+                         if knobs["scale_init"] == "constant" else
+                         f"{prefix}scale_value is for {prefix}scale_init=constant only, got "
+                         f"{prefix}scale_init={knobs['scale_init']}")
     if knobs.get("selection") == "top_k" and knobs.get("top_k") is None:
         raise ValueError(f"{prefix}selection=top_k needs {prefix}top_k (an integer >= 1)")
     for knob, lowest, strict in (("kc_weight", 0, False), ("max_group_size", 1, False), ("top_k", 1, False),
@@ -102,6 +107,7 @@ class DTVGConfig:
     selection: str = "greedy_prefix"
     merge: str = "sum"
     scale_init: str = "ones"
+    scale_value: float | None = None  # every source scale's start with scale_init=constant
     top_k: int | None = None  # the group size of selection=top_k
     temperature: float = 1.0  # of merge=softmax
     ranking: str = "task_vector"  # or transfer: rank by the measured transfer gains

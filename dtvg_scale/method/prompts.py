@@ -73,7 +73,7 @@ class DTVGPrompt(nn.Module):
         self.transfer_measured = False
         self.prompt = nn.Parameter(target_prompt.detach().clone())
         target_scale, source_scales = merging.init_scales(num_sources, length, config.scale_init,
-                                                          dtype=init_prompt.dtype)
+                                                          dtype=init_prompt.dtype, value=config.scale_value)
         self.target_scale = nn.Parameter(target_scale)
         self.source_scales = nn.Parameter(source_scales)
 
