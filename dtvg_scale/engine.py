@@ -41,7 +41,7 @@ from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices,
 from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
 from dtvg_scale.evaluation import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
 from dtvg_scale.progress import Progress
-from dtvg_scale.tracking import Tracker
+from dtvg_scale.outputs.tracking import Tracker
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 

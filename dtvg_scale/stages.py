@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-from dtvg_scale import controlled, group_trace, tasks
+from dtvg_scale import controlled, tasks
+from dtvg_scale.outputs import group_trace
 from dtvg_scale.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
                                  read_embedding_rows, resolve_model_path)
 from dtvg_scale.checkpoint import load_tensors, save_tensors
@@ -39,7 +40,7 @@ from dtvg_scale.method.config import PRESETS, split_strategy
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.method.strategies import spot_source
 from dtvg_scale.task_files import register_task_files
-from dtvg_scale.tracking import flatten, make_tracker, result_columns
+from dtvg_scale.outputs.tracking import flatten, make_tracker, result_columns
 from dtvg_scale.transfer import target_losses, transfer_gains
 
 
@@ -236,7 +237,7 @@ class Pipeline:
         config, and (Stage II) the group-trace heatmap and similarity-over-time plots."""
         if not tracker.active:
             return
-        from dtvg_scale.plots import group_trace_heatmap, similarity_over_time  # matplotlib: only when tracked
+        from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time  # matplotlib: only when tracked
 
         (out_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         trace = out_dir / group_trace.FILE_NAME

@@ -50,7 +50,7 @@ import yaml
 
 from dtvg_scale.config import ConfigError, load_config
 from dtvg_scale.task_files import TaskFileError, register_task_files
-from dtvg_scale.tracking import EXPERIMENT_KIND_TAG, PARENT_TAG, TRAINING_KIND, MLflowTracker
+from dtvg_scale.outputs.tracking import EXPERIMENT_KIND_TAG, PARENT_TAG, TRAINING_KIND, MLflowTracker
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -113,8 +113,8 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     from ray import tune
 
     from dtvg_scale.distributed import free_port, init_distributed
-    from dtvg_scale import group_trace
-    from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
+    from dtvg_scale.outputs import group_trace
+    from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time
     from dtvg_scale.stages import Pipeline
 
     one_rank = settings["ranks"] == 1

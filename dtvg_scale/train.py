@@ -34,7 +34,6 @@ import argparse
 import errno
 import json
 import warnings
-from typing import Any
 
 import yaml
 
@@ -42,16 +41,16 @@ from dtvg_scale.distributed import prepare_environment
 
 prepare_environment()  # before deepspeed is imported: CPU accelerator, world of one
 
-from dtvg_scale import group_trace  # noqa: E402
 from dtvg_scale.backbone import BackboneError  # noqa: E402
-from dtvg_scale.config import Config, ConfigError, describe_options, load_config  # noqa: E402
+from dtvg_scale.config import ConfigError, describe_options, load_config  # noqa: E402
 from dtvg_scale.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
 from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
 from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
 from dtvg_scale.task_files import TaskFileError, register_task_files  # noqa: E402
-from dtvg_scale.tasks import UnknownTaskError, task_relation  # noqa: E402
-from dtvg_scale.tracking import flatten, make_tracker  # noqa: E402
+from dtvg_scale.tasks import UnknownTaskError  # noqa: E402
+from dtvg_scale.outputs.summary import job_columns, runs_table_columns, summarize  # noqa: E402
+from dtvg_scale.outputs.tracking import flatten, make_tracker  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -75,51 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; ignored")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")
     return parser.parse_args(argv)
-
-
-def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = None,
-              max_spans: int = 12) -> tuple[dict[str, Any], str]:
-    out = Path(cfg.run.output_dir)
-    trace = group_trace.read_rows(out / "stage2" / "dtvg" / group_trace.FILE_NAME)
-    spans, share = group_trace.run_lengths(trace), group_trace.selection_share(trace, cfg.data.sources)
-    results = {"target": cfg.data.target, "sources": cfg.data.sources, "stage1": stage1, "stage2": stage2,
-               "dtvg_group_over_time": spans, "dtvg_selection_share": share,
-               **({"zero_shot": zero_shot} if zero_shot else {})}
-    metric = (stage1.get(cfg.data.target) or next(iter(stage2.values()), {})).get("reported_metric", "accuracy")
-    how = " (predictions by label likelihood)" if cfg.data.eval_mode == "likelihood" else ""
-    lines = [f"Target {cfg.data.target}: {metric} of the best-validation prompt{how}"]
-    lines.append(f"  {'run':<24}{'validation':>12}{'test':>10}  group at the best step")
-    rows = [("zero-shot (no prompt)", zero_shot)] if zero_shot else []
-    rows += ([("prompt tuning (Stage I)", stage1[cfg.data.target])] if cfg.data.target in stage1 else [])
-    rows += list(stage2.items())
-    lines += [f"  {label:<24}{r['validation'][metric]:>12.3f}{r['test'][metric]:>10.3f}  {_group_cell(r)}"
-              for label, r in rows]
-    if stage1:  # sources are scored on validation only (they have no test split)
-        lines.append("Stage-I best validation score per task: " + ", ".join(
-            f"{t} {r['validation'][r['reported_metric']]:.3f}" for t, r in stage1.items()))
-    shares = {name: share if name == "dtvg" else group_trace.selection_share(
-                  group_trace.read_rows(out / "stage2" / name / group_trace.FILE_NAME), cfg.data.sources)
-              for name in stage2 if name == "dtvg" or name.startswith("dtvg-")}
-    shares = {name: value for name, value in shares.items() if value}
-    if shares:
-        lines.append("Share of Stage-II steps each source was in the group")
-        lines.append(f"  {'source':<16}" + "".join(f"{name:>16}" for name in shares) + "  relation")
-        lines += [f"  {source:<16}" + "".join(f"{value[source]:>16.0%}" for value in shares.values())
-                  + f"  {task_relation(source)}" for source in cfg.data.sources]
-    if spans:
-        shown = spans if len(spans) <= max_spans else [spans[round(i * (len(spans) - 1) / (max_spans - 1))] for i in range(max_spans)]
-        lines.append(f"DTVG group over time ({len(spans)} stretches" + ("" if shown is spans else f", {max_spans} shown") + "):")
-        lines += [f"  steps {g['first_step']:>5}-{g['last_step']:<5} {', '.join(g['group']) or '(target only)'}" for g in shown]
-    return results, "\n".join(lines)
-
-
-def _group_cell(result: dict) -> str:
-    """What a row merged at its best step: the group (Stage II), SPoT's source, or nothing."""
-    if "spot_source" in result:
-        return f"starts from {result['spot_source']}"
-    if "group_at_best" in result:
-        return ", ".join(result["group_at_best"]) or "(target only)"
-    return "-"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,20 +145,6 @@ def _main(argv: list[str] | None = None) -> int:
     finally:
         job.finish(job_status)
     return 0
-
-
-def runs_table_columns(cfg: Config) -> list[str]:
-    """The runs table's columns: each run's final scores and group, each job's test scores."""
-    job_rows = ["zero_shot", "prompt_tuning", *cfg.stage2.strategies]
-    return (["metrics.`final_validation`", "metrics.`final_test`", "metrics.`final_group_size`", "tags.`group`"]
-            + [f"metrics.`test_{name}`" for name in job_rows])
-
-
-def job_columns(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None) -> dict[str, float]:
-    """The job's row in the runs table: the target's test score per run (its reported metric)."""
-    runs = {"zero_shot": zero_shot, "prompt_tuning": stage1.get(cfg.data.target), **stage2}
-    return {f"test_{name}": r["test"][r["reported_metric"]] for name, r in runs.items()
-            if r and r.get("test") and r["reported_metric"] in r["test"]}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The group trace's one schema (dtvg_scale/group_trace.py): rows made from decisions, read back
+"""The group trace's one schema (dtvg_scale/outputs/group_trace.py): rows made from decisions, read back
 tolerantly, and the summaries every reader uses."""
 
 import json
 
 import pytest
 
-from dtvg_scale import group_trace
+from dtvg_scale.outputs import group_trace
 
 NAMES = ("a", "b", "c")
 

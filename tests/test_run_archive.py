@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dtvg_scale.run_archive import archive, kept_files, restore
+from dtvg_scale.outputs.run_archive import archive, kept_files, restore
 
 
 def write(path: Path, text: str = "x") -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from dtvg_scale import plots
-from dtvg_scale.tracking import MLflowTracker, Tracker, flatten, make_tracker, result_columns
+from dtvg_scale.outputs import plots
+from dtvg_scale.outputs.tracking import MLflowTracker, Tracker, flatten, make_tracker, result_columns
 
 CONFIG = {
     "model": {"name_or_path": "embedded:t5"},

@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dtvg_scale import controlled, group_trace  # noqa: E402
+from dtvg_scale import controlled  # noqa: E402
+from dtvg_scale.outputs import group_trace  # noqa: E402
 
 STRATEGIES = ["dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"]
 VARIANTS = {  # name -> (strategy, Stage-II overrides); each reuses the seed's Stage I
@@ -260,7 +261,7 @@ def report(out: Path, summary: dict, command: str) -> str:
 
 
 def make_plots(out: Path, summary: dict, plot_dir: Path) -> list[Path]:
-    from dtvg_scale.plots import group_trace_heatmap, similarity_over_time
+    from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time
 
     plot_dir.mkdir(parents=True, exist_ok=True)
     made = []

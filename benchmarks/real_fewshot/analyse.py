@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from dtvg_scale import group_trace
+from dtvg_scale.outputs import group_trace
 
 PROMPT_TUNING = "prompt tuning (Stage-I target)"
 ZERO_SHOT = "zero-shot (no prompt, first seed)"

@@ -35,7 +35,7 @@ A process whose results are all there is skipped, so the same command resumes a 
 and ``--analyse_only`` remakes the report from finished runs. ``--archive DIR`` keeps the table
 beyond the machine: finished runs are copied from DIR into ``--out`` before anything starts and
 from ``--out`` into DIR after every process and every ``--archive_every`` seconds (a process may
-finish runs for hours; ``dtvg_scale.run_archive``: no checkpoints, no plots, a few MB per seed), so a table that takes longer than a machine lives goes on from a
+finish runs for hours; ``dtvg_scale.outputs.run_archive``: no checkpoints, no plots, a few MB per seed), so a table that takes longer than a machine lives goes on from a
 committed DIR on the next machine.
 """
 
@@ -60,7 +60,7 @@ sys.path.insert(0, str(HERE))
 
 import analyse  # after the sys.path lines above: the sibling modules and dtvg_scale
 import pretrain
-from dtvg_scale import run_archive
+from dtvg_scale.outputs import run_archive
 
 TARGETS = ("rte", "cb", "mrpc")
 SOURCES = ("mnli", "qnli", "qqp", "sst2")

@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from dtvg_scale.group_trace import Trace, read_trace
+from dtvg_scale.outputs.group_trace import Trace, read_trace
 
 DPI = 100
 WIDTH_IN = 12.0
