@@ -16,5 +16,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 # DeepSpeed's CPU all-reduce op is compiled once here (~30 s), not by the first launch's ranks.
-.venv/bin/python -c "from dtvg_scale.distributed import build_cpu_ops; build_cpu_ops()"
+.venv/bin/python -c "from dtvg_scale.runtime.distributed import build_cpu_ops; build_cpu_ops()"
 .venv/bin/python -c "import torch, deepspeed, transformers, dtvg_scale; print('dtvg_scale ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

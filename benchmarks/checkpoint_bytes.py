@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dtvg_scale.distributed import free_port  # noqa: E402
+from dtvg_scale.runtime.distributed import free_port  # noqa: E402
 
 PROMPT_LENGTH = 20
 

@@ -21,16 +21,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dtvg_scale.distributed import prepare_environment
+from dtvg_scale.runtime.distributed import prepare_environment
 
 prepare_environment()
 
 import torch
 
-from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path
+from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path
 from dtvg_scale.config import DataArgs
 from dtvg_scale.data import EncodedExample, collate_inputs, collate_train, encode_examples, encode_targets
-from dtvg_scale.evaluation import likelihood_predictions
+from dtvg_scale.runtime.evaluation import likelihood_predictions
 from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 from dtvg_scale.tasks import load_task
 

@@ -3,7 +3,7 @@ same optimizer, same batches, same prompt length and the same starting prompt.
 
     # 2 ranks, ZeRO-3 on the CPU (peft is a dependency of the package):
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 \\
-        --master_port $(.venv/bin/python -c 'from dtvg_scale.distributed import free_port; print(free_port())') \\
+        --master_port $(.venv/bin/python -c 'from dtvg_scale.runtime.distributed import free_port; print(free_port())') \\
         benchmarks/peft_compare.py [--lengths 20 100] [--steps 40]
     # the real SmolLM2-135M-Instruct (python -m dtvg_scale.fetch_model); PEFT's CAUSAL_LM prompt has r rows:
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 --master_port PORT benchmarks/peft_compare.py \
@@ -11,7 +11,7 @@ same optimizer, same batches, same prompt length and the same starting prompt.
     # one process (a world of one):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/peft_compare.py
 
-Ours: ``SoftPrompt`` + ``PromptedModel`` through ``dtvg_scale.engine.build_engine``. PEFT:
+Ours: ``SoftPrompt`` + ``PromptedModel`` through ``dtvg_scale.runtime.engine.build_engine``. PEFT:
 ``get_peft_model(backbone, PromptTuningConfig(task_type=SEQ_2_SEQ_LM, ...))`` handed to
 ``deepspeed.initialize`` with what ``build_engine`` gives ours (torch AdamW, weight decay 0, the
 same linear schedule). Each side loads its own copy of the backbone under ``zero.Init``. PEFT's
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_overhead: the shared timing helpers
 
-from dtvg_scale.distributed import prepare_environment
+from dtvg_scale.runtime.distributed import prepare_environment
 
 prepare_environment()  # before deepspeed is imported: the CPU accelerator, or a world of one
 
@@ -43,9 +43,9 @@ import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
 from transformers import get_linear_schedule_with_warmup
 
-from dtvg_scale.backbone import PromptedModel, load_backbone
-from dtvg_scale.distributed import DistContext, init_distributed
-from dtvg_scale.engine import build_engine
+from dtvg_scale.runtime.backbone import PromptedModel, load_backbone
+from dtvg_scale.runtime.distributed import DistContext, init_distributed
+from dtvg_scale.runtime.engine import build_engine
 from dtvg_scale.method.prompts import SoftPrompt
 
 PROMPT_LR = 0.3  # the project's Stage-I prompt learning rate, for both sides

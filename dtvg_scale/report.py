@@ -28,7 +28,7 @@ import statistics
 import warnings
 from typing import Any
 
-from dtvg_scale.distributed import prepare_environment
+from dtvg_scale.runtime.distributed import prepare_environment
 
 prepare_environment()
 
@@ -36,14 +36,14 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from dtvg_scale import tasks  # noqa: E402
-from dtvg_scale.backbone import PromptedModel  # noqa: E402
+from dtvg_scale.runtime.backbone import PromptedModel  # noqa: E402
 from dtvg_scale.benchmark_tasks import BENCHMARK_GROUPS  # noqa: E402
-from dtvg_scale.checkpoint import load_tensors  # noqa: E402
+from dtvg_scale.runtime.checkpoint import load_tensors  # noqa: E402
 from dtvg_scale.config import ConfigError, load_config  # noqa: E402
 from dtvg_scale.data import encode_examples  # noqa: E402
-from dtvg_scale.distributed import init_distributed  # noqa: E402
-from dtvg_scale.engine import load_ds_config  # noqa: E402
-from dtvg_scale.evaluation import generate_predictions  # noqa: E402
+from dtvg_scale.runtime.distributed import init_distributed  # noqa: E402
+from dtvg_scale.runtime.engine import load_ds_config  # noqa: E402
+from dtvg_scale.runtime.evaluation import generate_predictions  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.stages import Pipeline  # noqa: E402
 from dtvg_scale.method.config import split_strategy  # noqa: E402

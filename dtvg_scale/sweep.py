@@ -112,7 +112,7 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     Runs inside a Tune worker (one rank) or on every Ray Train worker (several ranks)."""
     from ray import tune
 
-    from dtvg_scale.distributed import free_port, init_distributed
+    from dtvg_scale.runtime.distributed import free_port, init_distributed
     from dtvg_scale.outputs import group_trace
     from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time
     from dtvg_scale.stages import Pipeline
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
-    from dtvg_scale.engine import load_ds_config
+    from dtvg_scale.runtime.engine import load_ds_config
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from functools import partial
 
 from dtvg_scale import benchmark_tasks, controlled, embedded
 from dtvg_scale.config import ConfigError, DataArgs
-from dtvg_scale.evaluation import Scorer, accuracy_scorer
+from dtvg_scale.runtime.evaluation import Scorer, accuracy_scorer
 
 
 class UnknownTaskError(ValueError):

@@ -37,14 +37,14 @@ import warnings
 
 import yaml
 
-from dtvg_scale.distributed import prepare_environment
+from dtvg_scale.runtime.distributed import prepare_environment
 
 prepare_environment()  # before deepspeed is imported: CPU accelerator, world of one
 
-from dtvg_scale.backbone import BackboneError  # noqa: E402
+from dtvg_scale.runtime.backbone import BackboneError  # noqa: E402
 from dtvg_scale.config import ConfigError, describe_options, load_config  # noqa: E402
-from dtvg_scale.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
-from dtvg_scale.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
+from dtvg_scale.runtime.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
+from dtvg_scale.runtime.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
 from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
 from dtvg_scale.task_files import TaskFileError, register_task_files  # noqa: E402

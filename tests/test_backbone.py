@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from dtvg_scale import embedded
-from dtvg_scale.backbone import PromptedModel, load_backbone, resolve_model_path
+from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, resolve_model_path
 from dtvg_scale.data import (collate_generate, collate_train, encode_examples, eval_shard, global_batch_indices,
                              rank_micro_batches)
 from dtvg_scale.method.prompts import SoftPrompt
-from dtvg_scale.transfer import target_losses, transfer_gains
+from dtvg_scale.method.transfer import transfer_gains
+from dtvg_scale.runtime.transfer_losses import target_losses
 
 
 @pytest.fixture(scope="module", params=["t5", "llama"])
@@ -108,7 +109,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(prompted):
     from dtvg_scale.data import EncodedExample, encode_targets
-    from dtvg_scale.evaluation import likelihood_predictions
+    from dtvg_scale.runtime.evaluation import likelihood_predictions
 
     model, backbone = prompted
     examples = encode_examples(embedded.embedded_task("emb_target", n_test=5).test, backbone.tokenizer,

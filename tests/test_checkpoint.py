@@ -8,7 +8,7 @@ import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
-from dtvg_scale.checkpoint import load_state, load_tensors, save_state, save_tensors
+from dtvg_scale.runtime.checkpoint import load_state, load_tensors, save_state, save_tensors
 
 
 def test_state_round_trip(tmp_path):

@@ -134,7 +134,7 @@ def test_a_backbone_changed_under_the_same_name_is_refused_on_resume(tmp_path):
 
 @pytest.mark.parametrize("ds_config", [None, "zero2.json", "zero3.json", "zero3_offload.json"])
 def test_every_shipped_deepspeed_config_trains_on_cpu(tmp_path, ds_config):
-    from dtvg_scale.checkpoint import load_state
+    from dtvg_scale.runtime.checkpoint import load_state
 
     out = tmp_path / "run"
     given = ["--ds_config", f"ds_configs/{ds_config}"] if ds_config else []  # None: ZeRO off
@@ -181,7 +181,7 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_previous_one
     checkpoints = Path("stage1") / "emb_target" / "checkpoints"
     assert sorted(p.name for p in (tmp_path / "stopped" / checkpoints).iterdir()) == ["step3", "step5"]
     expected = (tmp_path / "straight" / "stage1" / "emb_target" / "metrics.jsonl").read_text()
-    from dtvg_scale.checkpoint import load_tensors
+    from dtvg_scale.runtime.checkpoint import load_tensors
 
     shutil.copytree(tmp_path / "stopped", tmp_path / "resumed")  # undamaged: the same command just goes on
     assert train(*common, f"run.output_dir={tmp_path / 'resumed'}").returncode == 0

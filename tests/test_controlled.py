@@ -107,7 +107,7 @@ def test_the_controlled_backbone_is_pretrained_once_and_reused(tmp_path, monkeyp
     """``model.name_or_path=controlled:t5`` (the default): pretrained into the cache on first use
     (here with a few-step config: the real one's quality is docs/results.md's), complete or not
     there at all, and reused after that without pretraining again."""
-    from dtvg_scale.backbone import BackboneError, is_decoder_only, resolve_model_path
+    from dtvg_scale.runtime.backbone import BackboneError, is_decoder_only, resolve_model_path
 
     small = controlled.PretrainConfig(d_model=32, num_heads=4, d_ff=64, steps=3, batch_size=8, n_examples=64)
     monkeypatch.setitem(controlled.PRETRAINED, "t5", small)

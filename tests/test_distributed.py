@@ -12,7 +12,7 @@ import golden
 import pytest
 import torch
 
-from dtvg_scale.checkpoint import load_tensors
+from dtvg_scale.runtime.checkpoint import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -178,7 +178,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_is_waited
     import threading
     import time
 
-    from dtvg_scale.distributed import SHM_OP_NAME, clear_stale_build_lock
+    from dtvg_scale.runtime.distributed import SHM_OP_NAME, clear_stale_build_lock
 
     lock = tmp_path / SHM_OP_NAME / "lock"
     assert clear_stale_build_lock(str(tmp_path)) is False  # no build folder yet: nothing to do
@@ -200,7 +200,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_is_waited
 
 
 def test_each_install_compiles_its_ops_in_its_own_folder(monkeypatch):
-    from dtvg_scale.distributed import use_own_extension_dir
+    from dtvg_scale.runtime.distributed import use_own_extension_dir
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.setenv("DTVG_SCALE_CACHE", "/somewhere")

@@ -2,7 +2,7 @@
 
 import torch
 
-from dtvg_scale.engine import optimizer_groups
+from dtvg_scale.runtime.engine import optimizer_groups
 
 
 def test_parameters_with_one_learning_rate_share_a_group():

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dtvg_scale import progress as progress_module
-from dtvg_scale.progress import Progress
+from dtvg_scale.runtime import progress as progress_module
+from dtvg_scale.runtime.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 

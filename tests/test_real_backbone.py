@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dtvg_scale.fetch_model import FetchError, fetch
-from dtvg_scale.gguf_backbone import GGUFError, check_gguf_file, convert_gguf
+from dtvg_scale.runtime.gguf_backbone import GGUFError, check_gguf_file, convert_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dtvg_scale.distributed import free_port
+from dtvg_scale.runtime.distributed import free_port
 from test_slurm import TUNE, dry_run, node_commands
 
 ROOT = Path(__file__).resolve().parents[1]

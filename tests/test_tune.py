@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from dtvg_scale.checkpoint import load_tensors
-from dtvg_scale.distributed import free_port
+from dtvg_scale.runtime.checkpoint import load_tensors
+from dtvg_scale.runtime.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

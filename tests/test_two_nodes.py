@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dtvg_scale.checkpoint import load_tensors
+from dtvg_scale.runtime.checkpoint import load_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent

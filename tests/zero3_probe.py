@@ -11,17 +11,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dtvg_scale.distributed import prepare_environment  # noqa: E402
+from dtvg_scale.runtime.distributed import prepare_environment  # noqa: E402
 
 prepare_environment()
 
 import torch  # noqa: E402
 import torch.distributed  # noqa: E402
 
-from dtvg_scale.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path  # noqa: E402
+from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path  # noqa: E402
 from dtvg_scale.config import Stage1Args  # noqa: E402
-from dtvg_scale.distributed import all_ranks_equal, barrier, init_distributed  # noqa: E402
-from dtvg_scale.engine import build_engine, load_ds_config, resolve_ds_config  # noqa: E402
+from dtvg_scale.runtime.distributed import all_ranks_equal, barrier, init_distributed  # noqa: E402
+from dtvg_scale.runtime.engine import build_engine, load_ds_config, resolve_ds_config  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt  # noqa: E402
 
 

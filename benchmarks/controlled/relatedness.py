@@ -42,11 +42,12 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from dtvg_scale import controlled  # noqa: E402
-from dtvg_scale.backbone import PromptedModel, load_backbone  # noqa: E402
+from dtvg_scale.runtime.backbone import PromptedModel, load_backbone  # noqa: E402
 from dtvg_scale.data import collate_train, encode_examples  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.method.similarities import SIMILARITIES  # noqa: E402
-from dtvg_scale.transfer import target_losses, transfer_gains  # noqa: E402
+from dtvg_scale.method.transfer import transfer_gains  # noqa: E402
+from dtvg_scale.runtime.transfer_losses import target_losses  # noqa: E402
 
 SIGNALS = ("mean_dot", "centered_all", "transfer", "added", "grad_init")
 RELATIONS = ("helpful", "unrelated", "conflicting")

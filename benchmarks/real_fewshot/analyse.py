@@ -131,7 +131,7 @@ def source_stage1(layout: Layout) -> dict:
 
 def prompt_norm(path: Path) -> float | None:
     """Mean L2 norm of a saved prompt's rows (P_mix for Stage II)."""
-    from dtvg_scale.checkpoint import load_tensors
+    from dtvg_scale.runtime.checkpoint import load_tensors
 
     if not path.is_file():
         return None
@@ -150,7 +150,7 @@ def prompt_norms(layout: Layout) -> dict:
 
 
 def _init_norm(run_dir: Path) -> float | None:
-    from dtvg_scale.checkpoint import load_tensors
+    from dtvg_scale.runtime.checkpoint import load_tensors
 
     path = run_dir / "init_prompt.safetensors"
     if not path.is_file():

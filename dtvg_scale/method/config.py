@@ -26,7 +26,7 @@ VARIANT_KNOBS: dict[str, tuple[str, ...]] = {
     "merge": MERGES,  # merge(mode=...); "softmax" uses target_sim and temperature
     "scale_init": SCALE_INITS,  # init_scales(mode=...); "constant" needs scale_value
     # what ranks and thresholds the sources: task-vector similarity (the paper) or the
-    # function-space transfer gain of dtvg_scale.transfer (decide(target_sim=...))
+    # function-space transfer gain of dtvg_scale.method.transfer (decide(target_sim=...))
     "ranking": ("task_vector", "transfer"),
 }
 """Categorical knob -> allowed values (first = the paper's default). Numeric knobs next to them:

@@ -78,7 +78,7 @@ class DTVGPrompt(nn.Module):
         self.source_scales = nn.Parameter(source_scales)
 
     def set_transfer_gain(self, gain: Tensor) -> None:
-        """The sources' transfer gains [K] (``dtvg_scale.transfer``), for ranking="transfer"."""
+        """The sources' transfer gains [K] (``dtvg_scale.method.transfer``), for ranking="transfer"."""
         if gain.shape != self.transfer_gain.shape:
             raise ValueError(f"transfer gain has shape {tuple(gain.shape)}, expected {tuple(self.transfer_gain.shape)}")
         self.transfer_gain.copy_(gain)

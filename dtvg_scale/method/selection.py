@@ -232,7 +232,7 @@ def decide(
 
     ``target_sim`` [K], if given, replaces the similarity's source-to-target scores: it ranks
     and thresholds the sources (``stage2.ranking=transfer`` passes the function-space transfer
-    gains of ``dtvg_scale.transfer``), while KC still compares the task vectors with
+    gains of ``dtvg_scale.method.transfer``), while KC still compares the task vectors with
     ``similarity``.
 
     The returned ``GroupDecision`` always holds the ``target_sim`` used, the ranking, the number

@@ -1,19 +1,7 @@
-"""Function-space relatedness (``stage2.ranking=transfer``): how well each source's own Stage-I
-prompt already does on the target's training examples.
-
-Task-vector similarity compares prompts as points in embedding space. On the controlled
-benchmark no such similarity (the paper's or any variant) ranked the planted helpful sources
-above the unrelated ones, while the target's loss under each source's prompt ``P_init + T_k``
-put the helpful pair on top in every run (docs/results.md, "Why the group misses"). This module
-measures that signal once, before Stage II trains:
-
-    gain_k = L_target(P_init) - L_target(P_init + T_k)
-
-the drop in the target's mean label-token loss when the untrained prompt is replaced by source
-k's trained one. A positive gain means the source's prompt already helps on the target's task.
+"""The target's loss under prompts, measured on the sharded backbone: what ``stage2.ranking=transfer``
+ranks the sources by (``dtvg_scale.method.transfer``: ``gain_k = L(P_init) - L(P_init + T_k)``).
 It costs K + 1 forward passes over (at most ``stage2.transfer_examples``) target training
-examples, and no source data.
-"""
+examples, and no source data."""
 
 from __future__ import annotations
 
@@ -21,13 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dtvg_scale.backbone import PromptedModel
+from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.data import EncodedExample, collate_train, eval_shard
-
-
-def transfer_gains(init_loss: Tensor, source_losses: Tensor) -> Tensor:
-    """``L(P_init) - L(P_init + T_k)`` [K] from the losses of ``target_losses``."""
-    return init_loss - source_losses
 
 
 @torch.no_grad()

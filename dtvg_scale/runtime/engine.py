@@ -33,14 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dtvg_scale.backbone import Backbone, PromptedModel, held_bytes
-from dtvg_scale.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
+from dtvg_scale.runtime.backbone import Backbone, PromptedModel, held_bytes
+from dtvg_scale.runtime.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
                                    trusted_tag, write_manifest)
 from dtvg_scale.config import ConfigError, LoopArgs
 from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
-from dtvg_scale.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
-from dtvg_scale.evaluation import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
-from dtvg_scale.progress import Progress
+from dtvg_scale.runtime.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
+from dtvg_scale.runtime.evaluation import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
+from dtvg_scale.runtime.progress import Progress
 from dtvg_scale.outputs.tracking import Tracker
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dtvg_scale.backbone import PromptedModel
+from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.data import EncodedExample, collate_generate, collate_inputs, eval_shard
 
 Scorer = Callable[[list[str], Sequence], dict[str, float]]  # (predictions, examples) -> metrics incl. "mean"

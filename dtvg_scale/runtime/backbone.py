@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from dtvg_scale.gguf_backbone import GGUFError, convert_gguf, is_gguf_path
-from dtvg_scale.progress import library_bars_hidden
+from dtvg_scale.runtime.gguf_backbone import GGUFError, convert_gguf, is_gguf_path
+from dtvg_scale.runtime.progress import library_bars_hidden
 
 EMBEDDED_PREFIX = "embedded:"  # tiny, random, built from a config
 CONTROLLED_PREFIX = "controlled:"  # tiny, pretrained here on the controlled world (dtvg_scale.controlled)
@@ -51,7 +51,7 @@ def resolve_model_path(
     An embedded backbone gets the word-level tokenizer of the embedded world, or, given a
     ``corpus`` (the text of real tasks), a byte-level BPE trained on it. Hub names are returned
     unchanged; transformers loads them (or from its cache). A ``.gguf`` file is converted once
-    into a regular folder in the cache (``dtvg_scale.gguf_backbone``): ZeRO-3 partitions while
+    into a regular folder in the cache (``dtvg_scale.runtime.gguf_backbone``): ZeRO-3 partitions while
     loading, which needs a regular checkpoint."""
     if is_gguf_path(name_or_path):
         try:
