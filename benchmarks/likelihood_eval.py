@@ -29,10 +29,10 @@ import torch
 
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path
 from dtvg_scale.config import DataArgs
-from dtvg_scale.data import EncodedExample, collate_inputs, collate_train, encode_examples, encode_targets
+from dtvg_scale.data.encoding import EncodedExample, collate_inputs, collate_train, encode_examples, encode_targets
 from dtvg_scale.runtime.evaluation import likelihood_predictions
 from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
-from dtvg_scale.tasks import load_task
+from dtvg_scale.data.tasks import load_task
 
 
 def per_pair_losses(model: PromptedModel, prompt: torch.Tensor, examples: list[EncodedExample],

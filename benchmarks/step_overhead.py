@@ -46,10 +46,11 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 import torch
 import torch.distributed as dist
 
-from dtvg_scale import embedded
+from dtvg_scale.data import embedded
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
 from dtvg_scale.config import Stage2Args
-from dtvg_scale.data import collate_train, encode_examples, rank_micro_batches
+from dtvg_scale.data.encoding import collate_train, encode_examples
+from dtvg_scale.runtime.sampling import rank_micro_batches
 from dtvg_scale.runtime.distributed import DistContext, barrier, init_distributed, on_main_then_all
 from dtvg_scale.runtime.engine import build_engine, optimizer_groups, resolve_ds_config
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt

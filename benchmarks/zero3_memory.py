@@ -121,8 +121,9 @@ def backbone_bytes(model) -> dict[str, int]:
 
 
 def target_batch(tokenizer, is_encoder_decoder: bool, rank: int, world_size: int) -> dict:
-    from dtvg_scale import embedded
-    from dtvg_scale.data import collate_train, encode_examples, rank_micro_batches
+    from dtvg_scale.data import embedded
+    from dtvg_scale.data.encoding import collate_train, encode_examples
+    from dtvg_scale.runtime.sampling import rank_micro_batches
 
     task = embedded.embedded_task("emb_target", n_train=GLOBAL_BATCH)
     examples = encode_examples(task.train, tokenizer, is_encoder_decoder, 256, 20)
@@ -205,7 +206,7 @@ def run_worker(kind: str, model_path: str, zero_extra: dict, out: Path) -> None:
 
 
 def build_backbone(shape: Shape | str) -> str:
-    from dtvg_scale import embedded
+    from dtvg_scale.data import embedded
 
     if shape == "smollm2":
         from dtvg_scale.fetch_model import fetch

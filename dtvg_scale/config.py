@@ -1,7 +1,7 @@
 """Every option of a run, in one place: dataclasses filled from YAML and ``key=value`` overrides.
 
 The defaults are the *embedded default*: a tiny T5 pretrained here once (seconds) on the
-controlled world's rules and that world's held-out tasks (``dtvg_scale/controlled.py``), small
+controlled world's rules and that world's held-out tasks (``dtvg_scale/data/controlled.py``), small
 enough to run both stages on 2 CPU cores in minutes. Where the paper's protocol
 differs, the help text gives the paper's value; ``configs/`` holds YAML files with them.
 
@@ -83,7 +83,7 @@ class ModelArgs:
         "into a folder in the cache; `python -m dtvg_scale.fetch_model` fetches SmolLM2-135M-Instruct), or "
         "'embedded:t5' / 'embedded:llama' (tiny, randomly initialised, built from a config), or "
         "'controlled:t5' / 'controlled:llama' (tiny, pretrained once here on the controlled world's rules: "
-        "dtvg_scale/controlled.py).",
+        "dtvg_scale/data/controlled.py).",
         default="controlled:t5",
     )
     precision: str = _help(
@@ -144,7 +144,7 @@ class DataArgs:
     embedded_eval_size: int = _help("Validation and test examples per embedded task.", AT_LEAST_1, default=128)
     task_files: list[str] = _help(
         "YAML files that each define a task (data files or a hub dataset, template, labels or answer field, "
-        "metrics; dtvg_scale/task_files.py), usable as target or source by its name.",
+        "metrics; dtvg_scale/data/task_files.py), usable as target or source by its name.",
         default_factory=list,
     )
     split_overrides: list[str] = _help(

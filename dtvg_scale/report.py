@@ -35,12 +35,12 @@ prepare_environment()
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
-from dtvg_scale import tasks  # noqa: E402
+from dtvg_scale.data import tasks  # noqa: E402
 from dtvg_scale.runtime.backbone import PromptedModel  # noqa: E402
-from dtvg_scale.benchmark_tasks import BENCHMARK_GROUPS  # noqa: E402
+from dtvg_scale.data.benchmark_tasks import BENCHMARK_GROUPS  # noqa: E402
 from dtvg_scale.runtime.checkpoint import load_tensors  # noqa: E402
 from dtvg_scale.config import ConfigError, load_config  # noqa: E402
-from dtvg_scale.data import encode_examples  # noqa: E402
+from dtvg_scale.data.encoding import encode_examples  # noqa: E402
 from dtvg_scale.runtime.distributed import init_distributed  # noqa: E402
 from dtvg_scale.runtime.engine import load_ds_config  # noqa: E402
 from dtvg_scale.runtime.evaluation import generate_predictions  # noqa: E402

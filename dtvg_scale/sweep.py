@@ -49,7 +49,7 @@ from typing import Any
 import yaml
 
 from dtvg_scale.config import ConfigError, load_config
-from dtvg_scale.task_files import TaskFileError, register_task_files
+from dtvg_scale.data.task_files import TaskFileError, register_task_files
 from dtvg_scale.outputs.tracking import EXPERIMENT_KIND_TAG, PARENT_TAG, TRAINING_KIND, MLflowTracker
 
 PACKAGE = Path(__file__).resolve().parent

@@ -46,9 +46,9 @@ from dtvg_scale.config import ConfigError, describe_options, load_config  # noqa
 from dtvg_scale.runtime.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
 from dtvg_scale.runtime.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
 from dtvg_scale.stages import Pipeline, StageError  # noqa: E402
-from dtvg_scale.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
-from dtvg_scale.task_files import TaskFileError, register_task_files  # noqa: E402
-from dtvg_scale.tasks import UnknownTaskError  # noqa: E402
+from dtvg_scale.data.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
+from dtvg_scale.data.task_files import TaskFileError, register_task_files  # noqa: E402
+from dtvg_scale.data.tasks import UnknownTaskError  # noqa: E402
 from dtvg_scale.outputs.summary import job_columns, runs_table_columns, summarize  # noqa: E402
 from dtvg_scale.outputs.tracking import flatten, make_tracker  # noqa: E402
 

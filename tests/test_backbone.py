@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from dtvg_scale import embedded
+from dtvg_scale.data import embedded
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, resolve_model_path
-from dtvg_scale.data import (collate_generate, collate_train, encode_examples, eval_shard, global_batch_indices,
-                             rank_micro_batches)
+from dtvg_scale.data.encoding import collate_generate, collate_train, encode_examples
+from dtvg_scale.runtime.sampling import eval_shard, global_batch_indices, rank_micro_batches
 from dtvg_scale.method.prompts import SoftPrompt
 from dtvg_scale.method.transfer import transfer_gains
 from dtvg_scale.runtime.transfer_losses import target_losses
@@ -108,7 +108,7 @@ def test_batches_are_a_function_of_seed_and_step():
 
 
 def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(prompted):
-    from dtvg_scale.data import EncodedExample, encode_targets
+    from dtvg_scale.data.encoding import EncodedExample, encode_targets
     from dtvg_scale.runtime.evaluation import likelihood_predictions
 
     model, backbone = prompted
@@ -131,7 +131,7 @@ def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(pro
 def test_label_losses_read_each_input_once_and_equal_one_forward_per_pair(prompted):
     """The shared-input scoring (T5: one encoder pass; LLaMA: one key/value cache over prompt and
     input) gives each (example, label) the summed loss a forward of that pair alone gives."""
-    from dtvg_scale.data import EncodedExample, collate_inputs, encode_targets
+    from dtvg_scale.data.encoding import EncodedExample, collate_inputs, encode_targets
 
     model, backbone = prompted
     examples = encode_examples(embedded.embedded_task("emb_target", n_test=6).test, backbone.tokenizer,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtvg_scale import benchmark_tasks as bt
-from dtvg_scale.examples import Example
+from dtvg_scale.data import benchmark_tasks as bt
+from dtvg_scale.data.examples import Example
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(
@@ -422,7 +422,7 @@ def test_capped_evaluation_draws_at_random_not_the_first_rows():
     made every score on it the fraction of "positive" answers. A cap draws at random, the same
     examples for every run seed, in the split's order."""
     from dtvg_scale.config import DataArgs
-    from dtvg_scale.tasks import load_task
+    from dtvg_scale.data.tasks import load_task
 
     full = bt.load_benchmark_task("rotten_tomatoes", local_dir=str(DATA)).test
     assert {e.target for e in full[:200]} == {"1"}

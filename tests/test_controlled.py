@@ -16,7 +16,7 @@ from pathlib import Path
 import golden
 import pytest
 
-from dtvg_scale import controlled, tasks
+from dtvg_scale.data import controlled, tasks
 from dtvg_scale.config import DataArgs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from dtvg_scale.examples import Example
-from dtvg_scale.synthetic import TaskSplits
-from dtvg_scale.embedded import (
+from dtvg_scale.data.examples import Example
+from dtvg_scale.data.synthetic import TaskSplits
+from dtvg_scale.data.embedded import (
     EMBEDDED_LABELS,
     EMBEDDED_SOURCES,
     EMBEDDED_TARGET,

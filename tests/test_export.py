@@ -98,7 +98,7 @@ def test_peft_computes_our_logits_with_the_exported_prompt(trained, tmp_path, ca
     from safetensors.torch import load_file
 
     from dtvg_scale.runtime.backbone import PromptedModel, load_backbone
-    from dtvg_scale.data import collate_train, encode_examples
+    from dtvg_scale.data.encoding import collate_train, encode_examples
     from dtvg_scale.method.prompts import SoftPrompt
 
     adapter = tmp_path / "adapter"

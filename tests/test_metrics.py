@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dtvg_scale import metrics
+from dtvg_scale.data import metrics
 
 
 def test_accuracy_is_exact_string_match():

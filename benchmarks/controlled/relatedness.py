@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from dtvg_scale import controlled  # noqa: E402
+from dtvg_scale.data import controlled  # noqa: E402
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone  # noqa: E402
-from dtvg_scale.data import collate_train, encode_examples  # noqa: E402
+from dtvg_scale.data.encoding import collate_train, encode_examples  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
 from dtvg_scale.method.similarities import SIMILARITIES  # noqa: E402
 from dtvg_scale.method.transfer import transfer_gains  # noqa: E402

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/controlled/run.py --family llama --out runs/controlled_llama  # decoder-only
 
 1. Pretrain a tiny T5 (or, with ``--family llama``, a tiny LLaMA) on the broad rule mixture of
-   ``dtvg_scale.controlled`` (cached in ``<out>/backbone``), freeze it. ``train.py`` detects a
+   ``dtvg_scale.data.controlled`` (cached in ``<out>/backbone``), freeze it. ``train.py`` detects a
    decoder-only backbone from its config, so nothing below depends on the family.
 2. Per seed (data seed, run seed and P_init seed all = the seed; ``--init_offsets`` adds runs
    whose P_init seed is seed + offset, in ``seed<s>_init<seed+offset>``): ``dtvg_scale/train.py``
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from dtvg_scale import controlled  # noqa: E402
+from dtvg_scale.data import controlled  # noqa: E402
 from dtvg_scale.outputs import group_trace  # noqa: E402
 
 STRATEGIES = ["dtvg", "positive_only", "target_only", "all_sources", "fixed_group", "spot"]

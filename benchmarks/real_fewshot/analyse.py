@@ -176,8 +176,8 @@ def majority_baselines(targets: list[str], data_dir: str, caps: dict[str, tuple[
     """The most frequent class of the test examples evaluated (the split, or the runs' capped
     subset of it), as a fraction: what a constant answer scores (the K-shot train is
     class-balanced, so the prompt is not told the test prior)."""
-    from dtvg_scale.benchmark_tasks import load_benchmark_task
-    from dtvg_scale.tasks import eval_subset
+    from dtvg_scale.data.benchmark_tasks import load_benchmark_task
+    from dtvg_scale.data.tasks import eval_subset
 
     out = {}
     for target in targets:

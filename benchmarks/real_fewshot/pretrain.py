@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import transformers
 
-from dtvg_scale import benchmark_tasks
+from dtvg_scale.data import benchmark_tasks
 
 CORPUS_TASKS = ("rte", "cb", "mrpc", "mnli", "qnli", "qqp", "sst2")
 SPECIALS = ("<pad>", "</s>", "<unk>")  # T5's ids 0, 1, 2 (pad is also the decoder start)

@@ -9,7 +9,7 @@ from typing import Any
 
 from dtvg_scale.config import Config
 from dtvg_scale.outputs import group_trace
-from dtvg_scale.tasks import task_relation
+from dtvg_scale.data.tasks import task_relation
 
 
 def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = None,

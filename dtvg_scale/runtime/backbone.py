@@ -25,7 +25,7 @@ from dtvg_scale.runtime.gguf_backbone import GGUFError, convert_gguf, is_gguf_pa
 from dtvg_scale.runtime.progress import library_bars_hidden
 
 EMBEDDED_PREFIX = "embedded:"  # tiny, random, built from a config
-CONTROLLED_PREFIX = "controlled:"  # tiny, pretrained here on the controlled world (dtvg_scale.controlled)
+CONTROLLED_PREFIX = "controlled:"  # tiny, pretrained here on the controlled world (dtvg_scale.data.controlled)
 
 
 class BackboneError(ValueError):
@@ -59,11 +59,11 @@ def resolve_model_path(
         except GGUFError as err:
             raise BackboneError(str(err)) from err
     if name_or_path.startswith(CONTROLLED_PREFIX):
-        from dtvg_scale import controlled
+        from dtvg_scale.data import controlled
 
         return controlled.pretrained_backbone(cache_dir, embedded_family(name_or_path))
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        from dtvg_scale import embedded
+        from dtvg_scale.data import embedded
 
         family = embedded_family(name_or_path)
         vocab = "world" if corpus is None else f"bpe{zlib.crc32(chr(0).join(corpus).encode()):08x}"

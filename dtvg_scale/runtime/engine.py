@@ -37,9 +37,11 @@ from dtvg_scale.runtime.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.runtime.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
                                    trusted_tag, write_manifest)
 from dtvg_scale.config import ConfigError, LoopArgs
-from dtvg_scale.data import EncodedExample, collate_train, global_batch_indices, rank_micro_batches
+from dtvg_scale.data.encoding import EncodedExample, collate_train
+from dtvg_scale.runtime.sampling import global_batch_indices, rank_micro_batches
 from dtvg_scale.runtime.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
-from dtvg_scale.runtime.evaluation import Scorer, accuracy_scorer, generate_predictions, likelihood_predictions
+from dtvg_scale.data.metrics import Scorer, accuracy_scorer
+from dtvg_scale.runtime.evaluation import generate_predictions, likelihood_predictions
 from dtvg_scale.runtime.progress import Progress
 from dtvg_scale.outputs.tracking import Tracker
 

@@ -15,17 +15,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dtvg_scale.runtime.backbone import PromptedModel
-from dtvg_scale.data import EncodedExample, collate_generate, collate_inputs, eval_shard
-
-Scorer = Callable[[list[str], Sequence], dict[str, float]]  # (predictions, examples) -> metrics incl. "mean"
-
-
-def accuracy_scorer(predictions: list[str], examples: Sequence) -> dict[str, float]:
-    """Exact string match; the metric of the embedded tasks."""
-    hits = sum(p.strip() == e.target.strip() for p, e in zip(predictions, examples, strict=True))
-    accuracy = hits / max(len(examples), 1)
-    return {"accuracy": accuracy, "mean": accuracy}
-
+from dtvg_scale.data.encoding import EncodedExample, collate_generate, collate_inputs
+from dtvg_scale.runtime.sampling import eval_shard
 
 @torch.no_grad()
 def generate_predictions(

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dtvg_scale.runtime.backbone import PromptedModel
-from dtvg_scale.data import EncodedExample, collate_train, eval_shard
+from dtvg_scale.data.encoding import EncodedExample, collate_train
+from dtvg_scale.runtime.sampling import eval_shard
 
 
 @torch.no_grad()

@@ -19,13 +19,15 @@ import collections
 import math
 import string
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import regex
 
 __all__ = [
+    "Scorer",
     "accuracy",
+    "accuracy_scorer",
     "binary_f1",
     "grouped_exact_match",
     "macro_f1",
@@ -37,6 +39,17 @@ __all__ = [
     "squad_em_f1",
     "string_to_float",
 ]
+
+
+Scorer = Callable[[list[str], Sequence], dict[str, float]]
+"""(predictions, examples) -> metrics, "mean" among them: what a task scores a split with."""
+
+
+def accuracy_scorer(predictions: list[str], examples: Sequence) -> dict[str, float]:
+    """Exact string match against each example's ``target``; the metric of the synthetic worlds' tasks."""
+    hits = sum(p.strip() == e.target.strip() for p, e in zip(predictions, examples, strict=True))
+    value = hits / max(len(examples), 1)
+    return {"accuracy": value, "mean": value}
 
 
 def _check(predictions: Sequence, targets: Sequence) -> None:

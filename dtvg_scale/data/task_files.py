@@ -21,7 +21,7 @@ A task file (paths in it are relative to the file)::
 Metrics: ``accuracy``, ``f1`` (of the second label; two labels), ``f1_multiclass``,
 ``matthews_correlation``, ``pearson``, ``spearmanr`` for classification; ``em`` and ``f1``
 (SQuAD's, over every gold answer) for generation. The task then loads like a built-in one
-(``dtvg_scale.benchmark_tasks``): its splits are used as given (no ATTEMPT split rule), ``k_shot``
+(``dtvg_scale.data.benchmark_tasks``): its splits are used as given (no ATTEMPT split rule), ``k_shot``
 and ``max_train_samples`` apply, decoder-only backbones get the same ``" Label : "`` cue. A
 missing key, file or field, or a label value the file does not map, stops the run with one line
 naming the task file.
@@ -36,7 +36,7 @@ from typing import Any
 
 import yaml
 
-from dtvg_scale.benchmark_tasks import SplitRule, TaskSpec, register_spec
+from dtvg_scale.data.benchmark_tasks import SplitRule, TaskSpec, register_spec
 
 CLASS_METRICS = ("accuracy", "f1", "f1_multiclass", "matthews_correlation", "pearson", "spearmanr")
 ANSWER_METRICS = ("em", "f1")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import transformers
 
-from dtvg_scale.examples import Example
+from dtvg_scale.data.examples import Example
 
 FAMILIES: tuple[str, ...] = ("t5", "llama")
 

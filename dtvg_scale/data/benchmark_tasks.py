@@ -47,7 +47,7 @@ The protocol (checked against the prior code)
 * Decoder-only backbones: the source becomes ``f"{source} Label : "``, the exact string of
   zpy2477/DTVG ``run_seq2seq.py`` (``decoder_preprocess_function``).
 
-Scores are fractions in 0..1 (see :mod:`dtvg_scale.metrics`).
+Scores are fractions in 0..1 (see :mod:`dtvg_scale.data.metrics`).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ import numpy as np
 import regex
 import torch
 
-from dtvg_scale import metrics
-from dtvg_scale.examples import Example
+from dtvg_scale.data import metrics
+from dtvg_scale.data.examples import Example
 
 if TYPE_CHECKING:  # imported where a split is read: ~0.6 s at every start that most runs never need
     import datasets
@@ -99,7 +99,7 @@ VALIDATION_FROM_TRAIN = 1000  # the prior code's validation size for large tasks
 
 @dataclass(frozen=True)
 class BenchmarkExample(Example):
-    """An :class:`~dtvg_scale.examples.Example` that also carries what scoring needs and the
+    """An :class:`~dtvg_scale.data.examples.Example` that also carries what scoring needs and the
     text does not show: all gold ``answers`` (ReCoRD/SQuAD/MRQA) and the question ``group``
     (MultiRC's EM is per question). It is an ``Example``, so the pipeline sees source/target."""
 
@@ -344,7 +344,7 @@ _SPECS = [
 
 TASK_SPECS: dict[str, TaskSpec] = {spec.name: spec for spec in _SPECS}
 TASK_NAMES: tuple[str, ...] = tuple(TASK_SPECS)
-# tasks defined by the user's task files (dtvg_scale.task_files), registered for this process
+# tasks defined by the user's task files (dtvg_scale.data.task_files), registered for this process
 _USER_SPECS: dict[str, TaskSpec] = {}
 
 BENCHMARK_GROUPS: dict[str, tuple[str, ...]] = {

@@ -4,7 +4,7 @@ that family, so that prompt tuning works.
 
 Why
 ---
-The embedded world (``dtvg_scale.embedded``) runs on a random backbone, where prompt tuning
+The embedded world (``dtvg_scale.data.embedded``) runs on a random backbone, where prompt tuning
 stays at chance. This world, with its backbone pretrained (``model.name_or_path=controlled:t5``,
 ``pretrained_backbone``), is the default job's; its full-size benchmark is
 ``benchmarks/controlled/run.py``. Here the backbone first learns the family: every pretraining example starts
@@ -39,7 +39,7 @@ The world
   The target is few-shot (``TARGET_TRAIN`` = 8 training examples, 4 per class, whatever ``n_train``
   asks): that is the regime in which transferring from sources can help at all.
 * Deterministic streams (crc32 of seed/task/split), balanced label pairs, disjoint splits:
-  every synthetic world's rules (``dtvg_scale.synthetic``).
+  every synthetic world's rules (``dtvg_scale.data.synthetic``).
 """
 
 from __future__ import annotations
@@ -53,9 +53,9 @@ from pathlib import Path
 
 import transformers
 
-from dtvg_scale import synthetic
-from dtvg_scale.examples import Example
-from dtvg_scale.synthetic import PlantedTask, Surface, TaskSplits, World, check_family
+from dtvg_scale.data import synthetic
+from dtvg_scale.data.examples import Example
+from dtvg_scale.data.synthetic import PlantedTask, Surface, TaskSplits, World, check_family
 
 LABELS: tuple[str, ...] = ("0", "1")
 WORDS: tuple[str, ...] = tuple(f"c{i:02d}" for i in range(48))
@@ -260,7 +260,7 @@ def encode(tok, rows: list[Example], decoder_only: bool):
     pipeline feeds (``data.encode_examples`` + ``collate_train``): bos, source, then the target
     closed by eos, loss on the target only; so a soft prompt later meets familiar inputs."""
     if decoder_only:
-        from dtvg_scale.data import collate_train, encode_examples
+        from dtvg_scale.data.encoding import collate_train, encode_examples
 
         encoded = encode_examples(rows, tok, is_encoder_decoder=False, max_source_length=512, max_target_length=2)
         batch = collate_train(encoded, tok.pad_token_id, is_encoder_decoder=False)
@@ -289,7 +289,7 @@ def _accuracy_decoder_only(model, tok, rows) -> float:
     decodes it) on ``rows``, inputs left-padded as ``data.collate_generate`` does."""
     import torch
 
-    from dtvg_scale.data import collate_generate, encode_examples
+    from dtvg_scale.data.encoding import collate_generate, encode_examples
 
     encoded = encode_examples(rows, tok, is_encoder_decoder=False, max_source_length=512, max_target_length=2)
     batch = collate_generate(encoded, tok.pad_token_id, is_encoder_decoder=False)

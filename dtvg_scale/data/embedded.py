@@ -31,7 +31,7 @@ The world
   ===============  ===========  ===========================  ==========================
 
 * Inputs, balance, nesting and determinism: as every synthetic world's
-  (:mod:`dtvg_scale.synthetic`): each key word present with probability 1/2 in every task, so
+  (:mod:`dtvg_scale.data.synthetic`): each key word present with probability 1/2 in every task, so
   the key words do not reveal the relation; each relation type has exactly one "short" and one
   "long" source, so the length and filler distribution of a source says nothing about its
   relation either (a prototype found task vectors carried the input distribution more than the
@@ -52,9 +52,9 @@ from pathlib import Path
 
 import transformers
 
-from dtvg_scale import synthetic
+from dtvg_scale.data import synthetic
 from dtvg_scale.runtime.progress import library_bars_hidden
-from dtvg_scale.synthetic import (PlantedTask, Surface, TaskSplits, World, check_family, make_tiny_model,
+from dtvg_scale.data.synthetic import (PlantedTask, Surface, TaskSplits, World, check_family, make_tiny_model,
                                   padded_vocab_size)
 
 __all__ = [
