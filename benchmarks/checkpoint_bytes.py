@@ -30,7 +30,7 @@ PROMPT_LENGTH = 20
 def model_and_task(model: str) -> tuple[list[str], int]:
     """(options naming the backbone and a task, the hidden size)."""
     if model == "smollm2":
-        from dtvg_scale.fetch_model import fetch
+        from dtvg_scale.recipes.fetch_model import fetch
 
         gguf, _ = fetch("smollm2-135m-instruct")
         data = ROOT.parent / "shared" / "data"

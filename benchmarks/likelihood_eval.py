@@ -28,7 +28,7 @@ prepare_environment()
 import torch
 
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path
-from dtvg_scale.config import DataArgs
+from dtvg_scale.recipes.config import DataArgs
 from dtvg_scale.data.encoding import EncodedExample, collate_inputs, collate_train, encode_examples, encode_targets
 from dtvg_scale.runtime.evaluation import likelihood_predictions
 from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
@@ -71,7 +71,7 @@ def main() -> None:
 
     name = args.backbone
     if name == "smollm2":
-        from dtvg_scale.fetch_model import fetch
+        from dtvg_scale.recipes.fetch_model import fetch
 
         name = str(fetch("smollm2-135m-instruct")[0])
     path = resolve_model_path(name, ROOT / "runs" / ".backbones", 64, 2)

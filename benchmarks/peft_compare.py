@@ -5,7 +5,7 @@ same optimizer, same batches, same prompt length and the same starting prompt.
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 \\
         --master_port $(.venv/bin/python -c 'from dtvg_scale.runtime.distributed import free_port; print(free_port())') \\
         benchmarks/peft_compare.py [--lengths 20 100] [--steps 40]
-    # the real SmolLM2-135M-Instruct (python -m dtvg_scale.fetch_model); PEFT's CAUSAL_LM prompt has r rows:
+    # the real SmolLM2-135M-Instruct (dtvg-fetch-model); PEFT's CAUSAL_LM prompt has r rows:
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 --master_port PORT benchmarks/peft_compare.py \
         --model smollm2 --lengths 20 --batch_size 8 --steps 12 --blocks 6
     # one process (a world of one):

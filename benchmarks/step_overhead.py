@@ -11,7 +11,7 @@ and how both grow with the prompt length r and the number of sources K.
         --lengths 20 100 200 --sources 6 128 --d_model 256 --d_ff 256 --batch_size 16 --steps 16 --blocks 8
     # the same in one process (a world of one):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_overhead.py [--steps 40] [--sources 6 128]
-    # the real SmolLM2-135M-Instruct (python -m dtvg_scale.fetch_model), K = 4 real-size and 64 sources:
+    # the real SmolLM2-135M-Instruct (dtvg-fetch-model), K = 4 real-size and 64 sources:
     OMP_NUM_THREADS=1 nice .venv/bin/deepspeed --num_gpus 2 --master_port PORT benchmarks/step_overhead.py \
         --model smollm2 --lengths 20 --sources 4 64 --batch_size 8 --steps 12 --blocks 6
 
@@ -48,7 +48,7 @@ import torch.distributed as dist
 
 from dtvg_scale.data import embedded
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
-from dtvg_scale.config import Stage2Args
+from dtvg_scale.recipes.config import Stage2Args
 from dtvg_scale.data.encoding import collate_train, encode_examples
 from dtvg_scale.runtime.sampling import rank_micro_batches
 from dtvg_scale.runtime.distributed import DistContext, barrier, init_distributed, on_main_then_all
@@ -95,7 +95,7 @@ def loop_args(batch_size: int) -> Stage2Args:
 def real_backbone(model: str, args: argparse.Namespace) -> tuple[str, int, str]:
     """(folder, hidden size, description) of the backbone every engine loads."""
     if model == "smollm2":
-        from dtvg_scale.fetch_model import fetch
+        from dtvg_scale.recipes.fetch_model import fetch
 
         return str(on_main_then_all(lambda: fetch("smollm2-135m-instruct")[1])), 576, \
             "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized, 30 layers, hidden 576)"

@@ -29,7 +29,7 @@ threshold otherwise keeps much of that in the peak.
 The backbones are random, built from configs (t5: d_model 512, 6+6 layers, d_ff 2048, ~44 M
 parameters; llama: hidden 512, 8 layers, MLP 1408, ~26 M), with the embedded word-level
 tokenizer, so the vocabulary (80 rows) is tiny and almost every byte is in the transformer.
-``smollm2`` is the real SmolLM2-135M-Instruct (``python -m dtvg_scale.fetch_model``; 134.5 M
+``smollm2`` is the real SmolLM2-135M-Instruct (``dtvg-fetch-model``; 134.5 M
 parameters, 538 MB fp32, a 49,152-row tied embedding table: 21 % of its bytes).
 """
 
@@ -166,7 +166,7 @@ def zero3_worker(model_path: str, zero_extra: dict) -> dict:
     import torch
 
     from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
-    from dtvg_scale.config import Stage1Args
+    from dtvg_scale.recipes.config import Stage1Args
     from dtvg_scale.runtime.distributed import init_distributed
     from dtvg_scale.runtime.engine import build_engine, resolve_ds_config
     from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
@@ -209,7 +209,7 @@ def build_backbone(shape: Shape | str) -> str:
     from dtvg_scale.data import embedded
 
     if shape == "smollm2":
-        from dtvg_scale.fetch_model import fetch
+        from dtvg_scale.recipes.fetch_model import fetch
 
         return str(fetch("smollm2-135m-instruct")[1])
 

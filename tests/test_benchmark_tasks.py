@@ -421,7 +421,7 @@ def test_capped_evaluation_draws_at_random_not_the_first_rows():
     """Rotten Tomatoes' test split is sorted by label: its first 200 rows are all positive, which
     made every score on it the fraction of "positive" answers. A cap draws at random, the same
     examples for every run seed, in the split's order."""
-    from dtvg_scale.config import DataArgs
+    from dtvg_scale.recipes.config import DataArgs
     from dtvg_scale.data.tasks import load_task
 
     full = bt.load_benchmark_task("rotten_tomatoes", local_dir=str(DATA)).test

@@ -61,7 +61,7 @@ def test_an_option_out_of_range_stops_with_exit_code_2_and_writes_nothing(tmp_pa
 
 def test_sweep_and_report_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     """In this process: the checks come before Ray, Stage I or a process group would start."""
-    from dtvg_scale import report, sweep
+    from dtvg_scale.recipes import report, sweep
 
     (tmp_path / "stage1" / "emb_target").mkdir(parents=True)
     for args, message in [

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dtvg_scale.config import Config, ConfigError, build_config, describe_options, load_config
+from dtvg_scale.recipes.config import Config, ConfigError, build_config, describe_options, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,7 +17,7 @@ import golden
 import pytest
 
 from dtvg_scale.data import controlled, tasks
-from dtvg_scale.config import DataArgs
+from dtvg_scale.recipes.config import DataArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""python -m dtvg_scale.export: a trained prompt becomes a PEFT prompt-tuning adapter that PEFT
+"""python -m dtvg_scale.recipes.export: a trained prompt becomes a PEFT prompt-tuning adapter that PEFT
 loads and that predicts exactly what this package predicted, for a T5 and a LLaMA backbone."""
 
 import json
@@ -24,13 +24,13 @@ def run(module_or_script: list[str], *args: str) -> subprocess.CompletedProcess:
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
-    """``python -m dtvg_scale.export`` as a user runs it."""
-    return run(["-m", "dtvg_scale.export"], *args)
+    """``python -m dtvg_scale.recipes.export`` as a user runs it."""
+    return run(["-m", "dtvg_scale.recipes.export"], *args)
 
 
 def export_here(capsys, *args: str) -> tuple[int, str, str]:
     """The same entry point in this process (no interpreter start): exit code, stdout, stderr."""
-    from dtvg_scale.export import main
+    from dtvg_scale.recipes.export import main
 
     code = main(list(args))
     captured = capsys.readouterr()

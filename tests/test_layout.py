@@ -1,4 +1,5 @@
-"""The package's shape, read from its source (issue 12): the method imports torch only, no module
+"""The package's shape, read from its source (issue 12): the method imports torch only, the parts
+(method, data, runtime, outputs) never import a recipe, no module
 reaches into another's private names, and the group trace's file is named in one module only."""
 
 import ast
@@ -62,3 +63,20 @@ def test_only_the_group_trace_module_names_the_trace_file():
                     and "group_trace.jsonl" in node.value):
                 named_in.add(path)
     assert named_in == {"dtvg_scale/outputs/group_trace.py"}
+
+
+def test_the_parts_do_not_import_the_recipes():
+    """method, data, runtime and outputs are parts; only the recipes (and the two path shims) put
+    them together, so a part never imports a recipe (a type-only import is fine)."""
+
+    def runtime_imports(tree: ast.Module):
+        skipped = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                skipped.update(id(child) for inner in node.body for child in ast.walk(inner))
+        return [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and id(node) not in skipped]
+
+    found = [f"{path}: from {node.module} import ..." for path, tree in modules().items()
+             if path.split("/")[1] in ("method", "data", "runtime", "outputs", "options.py")
+             for node in runtime_imports(tree) if (node.module or "").startswith("dtvg_scale.recipes")]
+    assert not found

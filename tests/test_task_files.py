@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dtvg_scale.data import benchmark_tasks, tasks
-from dtvg_scale.config import DataArgs
+from dtvg_scale.recipes.config import DataArgs
 from dtvg_scale.data.task_files import TaskFileError, load_task_file, register_task_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/real_fewshot/run.py --out /tmp/rf --quick --seeds 0 --targets rte --k_shots 16
 
 On the real pretrained backbone, SmolLM2-135M-Instruct (``--backbone smollm2``: fetched and
-converted once by ``python -m dtvg_scale.fetch_model``; targets Rotten Tomatoes, CB and MRPC at
+converted once by ``dtvg-fetch-model``; targets Rotten Tomatoes, CB and MRPC at
 K = 16; predictions by the labels' likelihood; the zero-shot score of the first seed; the
 ``transfer`` and ``centered`` presets as variants; settings in ``SMOLLM2`` below)::
 
@@ -134,7 +134,7 @@ def threads() -> str:
 def prepare_backbone(out: Path, data_dir: Path, s: Settings, t0: float) -> str:
     """What ``model.name_or_path`` every run of the table gets."""
     if s.backbone == "smollm2":
-        from dtvg_scale.fetch_model import fetch
+        from dtvg_scale.recipes.fetch_model import fetch
 
         gguf, folder = fetch("smollm2-135m-instruct")
         print(f"backbone ready: {gguf} (converted: {folder}) at {time.time() - t0:.0f} s", flush=True)

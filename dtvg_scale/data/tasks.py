@@ -14,7 +14,8 @@ import random
 from functools import partial
 
 from dtvg_scale.data import benchmark_tasks, controlled, embedded
-from dtvg_scale.config import ConfigError, DataArgs
+from dtvg_scale.data.options import DataArgs
+from dtvg_scale.options import ConfigError
 from dtvg_scale.data.metrics import Scorer, accuracy_scorer
 
 

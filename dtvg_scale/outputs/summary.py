@@ -5,11 +5,13 @@ MLflow runs table."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dtvg_scale.config import Config
-from dtvg_scale.outputs import group_trace
 from dtvg_scale.data.tasks import task_relation
+from dtvg_scale.outputs import group_trace
+
+if TYPE_CHECKING:  # the job's options; read here, made by the recipes
+    from dtvg_scale.recipes.config import Config
 
 
 def summarize(cfg: Config, stage1: dict, stage2: dict, zero_shot: dict | None = None,

