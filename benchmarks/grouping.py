@@ -8,13 +8,9 @@ The two parts are also runnable alone: benchmarks/grouping_select.py, benchmarks
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import grouping_select  # noqa: E402
-import step_overhead  # noqa: E402
+import grouping_select
+import step_overhead
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -33,17 +33,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-try:
-    from dtvg_scale.method.selection import select_group
-except ImportError:  # run as `python benchmarks/grouping_select.py` from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dtvg_scale.method.selection import select_group
+from dtvg_scale.method.selection import select_group
 
 R = 100  # prompt length (rows of a task vector)
 

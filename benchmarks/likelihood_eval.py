@@ -14,12 +14,10 @@ difference and whether the predictions agree.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from dtvg_scale.runtime.distributed import prepare_environment
 

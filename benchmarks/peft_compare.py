@@ -27,11 +27,6 @@ the control's is within the run's noise.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # step_overhead: the shared timing helpers
 
 from dtvg_scale.runtime.distributed import prepare_environment
 

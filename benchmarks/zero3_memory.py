@@ -45,8 +45,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dtvg_scale.runtime.distributed import free_port, prepare_environment
 
 PROMPT_LENGTH = 20

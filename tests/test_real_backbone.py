@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from test_distributed import launch  # the real deepspeed launcher, 2 CPU ranks
+
 from dtvg_scale.recipes.fetch_model import FetchError, fetch
 from dtvg_scale.runtime.gguf_backbone import GGUFError, check_gguf_file, convert_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_distributed import launch  # noqa: E402  (the real deepspeed launcher, 2 CPU ranks)
 
 
 @pytest.fixture(scope="module")

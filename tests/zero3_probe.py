@@ -9,8 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dtvg_scale.runtime.distributed import prepare_environment  # noqa: E402
 
 prepare_environment()

@@ -30,13 +30,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402

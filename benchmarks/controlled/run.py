@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from dtvg_scale.data import controlled  # noqa: E402
 from dtvg_scale.outputs import group_trace  # noqa: E402

@@ -55,10 +55,8 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(HERE))
 
-import analyse  # after the sys.path lines above: the sibling modules and dtvg_scale
+import analyse  # the sibling modules (this script's folder is first on sys.path)
 import pretrain
 from dtvg_scale.outputs import run_archive
 
