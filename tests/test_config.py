@@ -21,6 +21,17 @@ def test_defaults_are_the_embedded_default():
     assert build_config({"stage2.strategies": with_presets}).stage2.strategies == with_presets
 
 
+def test_the_stage2_knobs_default_to_the_methods_paper_setting():
+    """One source of truth: the job's stage2.* knobs start at method.config.PAPER."""
+    import dataclasses
+
+    from dtvg_scale.method.config import PAPER
+
+    paper = {k: v for k, v in dataclasses.asdict(PAPER).items() if k != "strategy"}
+    assert Config().stage2.method_knobs() == paper
+    assert Config().stage2.dtvg_config("dtvg") == PAPER
+
+
 def test_overrides_yaml_values_and_shorthand(tmp_path):
     config_file = tmp_path / "c.yaml"
     config_file.write_text("stage2:\n  threshold: 0.1\n  kc_weight: 0.5\nprompt:\n  length: 100\n")

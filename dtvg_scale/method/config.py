@@ -29,13 +29,10 @@ VARIANT_KNOBS: dict[str, tuple[str, ...]] = {
     # function-space transfer gain of dtvg_scale.method.transfer (decide(target_sim=...))
     "ranking": ("task_vector", "transfer"),
 }
-"""Categorical knob -> allowed values (first = the paper's default). Numeric knobs next to them:
+"""Categorical knob -> allowed values (the default is ``DTVGConfig``'s, ``PAPER``). Numeric knobs next to them:
 threshold (float, 0.0), kc_weight (float or None: KC alone for greedy_prefix, 1.0 for exact),
 max_group_size (int >= 1 or None), top_k (int >= 1, for selection "top_k"), temperature
 (float > 0, for merge "softmax"), scale_value (float, for scale_init "constant" only)."""
-
-VARIANT_DEFAULTS: dict[str, str] = {knob: values[0] for knob, values in VARIANT_KNOBS.items()}
-"""The paper/code setting: mean_dot, greedy_prefix, sum, ones."""
 
 PRESETS: dict[str, dict[str, object]] = {
     "paper": {},  # the authors' code, the default
@@ -114,3 +111,11 @@ class DTVGConfig:
 
     def __post_init__(self) -> None:
         check_knobs(dataclasses.asdict(self))
+
+
+PAPER = DTVGConfig()
+"""Every knob at the paper's setting (the authors' code): the defaults of the job's ``stage2.*``."""
+
+VARIANT_DEFAULTS: dict[str, str] = {knob: getattr(PAPER, knob) for knob in VARIANT_KNOBS}
+"""The paper/code setting of each categorical knob: mean_dot, greedy_prefix, sum, ones, task_vector
+(named, not the first of a list: a variant added anywhere in its registry changes no default)."""

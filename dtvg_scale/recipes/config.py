@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from dtvg_scale.method.selection import EXACT_MAX_SOURCES
-from dtvg_scale.method.config import VARIANT_DEFAULTS, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
+from dtvg_scale.method.config import PAPER, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
 from dtvg_scale.method.strategies import STRATEGIES
 from dtvg_scale.data.options import DataArgs
 from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, Range, option
@@ -57,34 +57,36 @@ class Stage2Args(LoopArgs):
     source_scale_lr: float = option("Learning rate of the sources' per-token scales (paper: 1e-3).", ABOVE_0,
                                    default=1e-2)
     spot_lr: float = option("Prompt learning rate of the SPoT baseline (plain prompt tuning).", ABOVE_0, default=0.3)
-    threshold: float = option("Sources with similarity >= threshold are candidates.", default=0.0)
+    threshold: float = option("Sources with similarity >= threshold are candidates.", default=PAPER.threshold)
     kc_weight: float | None = option(
         "null: the code's rule (knowledge consistency alone); a number lambda: the paper's TS + lambda*KC.",
-        AT_LEAST_0, default=None,
+        AT_LEAST_0, default=PAPER.kc_weight,
     )
-    max_group_size: int | None = option("Cap on the group size (null: none).", AT_LEAST_1, default=None)
+    max_group_size: int | None = option("Cap on the group size (null: none).", AT_LEAST_1,
+                                        default=PAPER.max_group_size)
     similarity: str = option(
-        f"Task-vector similarity: {', '.join(VARIANT_KNOBS['similarity'])} (the first is the paper's; "
-        "dtvg_scale/method/similarities.py).",
-        default=VARIANT_DEFAULTS["similarity"],
+        f"Task-vector similarity: {', '.join(VARIANT_KNOBS['similarity'])} (default the paper's "
+        f"{PAPER.similarity}; dtvg_scale/method/similarities.py).",
+        default=PAPER.similarity,
     )
     selection: str = option(
         "Group selection: greedy_prefix (the paper), exact (best TS + lambda*KC over all subsets, K <= 16; "
         "lambda = kc_weight or 1), top_k.",
-        default="greedy_prefix",
+        default=PAPER.selection,
     )
-    top_k: int | None = option("Group size of selection=top_k.", AT_LEAST_1, default=None)
-    merge: str = option("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).", default="sum")
-    temperature: float = option("Softmax temperature of merge=softmax.", ABOVE_0, default=1.0)
+    top_k: int | None = option("Group size of selection=top_k.", AT_LEAST_1, default=PAPER.top_k)
+    merge: str = option("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).",
+                         default=PAPER.merge)
+    temperature: float = option("Softmax temperature of merge=softmax.", ABOVE_0, default=PAPER.temperature)
     scale_init: str = option("Initial source scales: ones (the paper), uniform (1/K), zeros, constant "
-                            "(stage2.scale_value).", default="ones")
+                            "(stage2.scale_value).", default=PAPER.scale_init)
     scale_value: float | None = option("Every source scale's start with stage2.scale_init=constant (only then).",
-                                      default=None)
+                                      default=PAPER.scale_value)
     ranking: str = option(
         "What ranks and thresholds the sources: task_vector (the paper: similarity of task vectors) or transfer "
         "(the target's training loss under each source's own Stage-I prompt, measured once before Stage II: "
         "gain = L(P_init) - L(P_init + T_k); threshold then applies to the gain; KC still uses similarity).",
-        default="task_vector",
+        default=PAPER.ranking,
     )
     transfer_examples: int = option("Target training examples ranking=transfer scores each source on (the first N).",
                                    AT_LEAST_1, default=256)
