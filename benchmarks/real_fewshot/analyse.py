@@ -90,9 +90,7 @@ def scores(layout: Layout) -> dict:
 
 def group_stats(trace: list[dict], sources: tuple[str, ...]) -> dict:
     """How often each source was in the group, the mean group size, the last step's group."""
-    n = len(trace)
-    counts = Counter(name for row in trace for name in row["group"])
-    return {"steps": n, "in_group": {s: counts[s] / n for s in sources},
+    return {"steps": len(trace), "in_group": group_trace.selection_share(trace, sources),
             "mean_size": statistics.mean(len(row["group"]) for row in trace),
             "final_group": trace[-1]["group"], "final_similarity": trace[-1]["similarity"]}
 
