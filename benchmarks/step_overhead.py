@@ -49,7 +49,8 @@ from dtvg_scale.recipes.config import Stage2Args
 from dtvg_scale.data.encoding import collate_train, encode_examples
 from dtvg_scale.runtime.sampling import rank_micro_batches
 from dtvg_scale.runtime.distributed import DistContext, barrier, init_distributed, on_main_then_all
-from dtvg_scale.runtime.engine import build_engine, optimizer_groups, resolve_ds_config
+from dtvg_scale.runtime.ds_config import resolve_ds_config
+from dtvg_scale.runtime.engine import build_engine, optimizer_groups
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 
 ZERO3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}, "gradient_clipping": 1.0}

@@ -166,7 +166,8 @@ def zero3_worker(model_path: str, zero_extra: dict) -> dict:
     from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
     from dtvg_scale.recipes.config import Stage1Args
     from dtvg_scale.runtime.distributed import init_distributed
-    from dtvg_scale.runtime.engine import build_engine, resolve_ds_config
+    from dtvg_scale.runtime.ds_config import resolve_ds_config
+    from dtvg_scale.runtime.engine import build_engine
     from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt
 
     ctx = init_distributed()

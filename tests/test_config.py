@@ -119,7 +119,7 @@ def test_shipped_configs_parse():
     for path in shipped:  # parsed, not run: a Stage-II config names the Stage-I folder its first step makes
         load_config(str(path), [], check_paths=False)
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
-        from dtvg_scale.runtime.engine import load_ds_config
+        from dtvg_scale.runtime.ds_config import load_ds_config
 
         assert load_ds_config(str(path))["zero_optimization"]["stage"] in (2, 3)
         json.loads(path.read_text())

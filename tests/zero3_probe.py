@@ -19,7 +19,8 @@ import torch.distributed  # noqa: E402
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows, resolve_model_path  # noqa: E402
 from dtvg_scale.recipes.config import Stage1Args  # noqa: E402
 from dtvg_scale.runtime.distributed import all_ranks_equal, barrier, init_distributed  # noqa: E402
-from dtvg_scale.runtime.engine import build_engine, load_ds_config, resolve_ds_config  # noqa: E402
+from dtvg_scale.runtime.ds_config import load_ds_config, resolve_ds_config  # noqa: E402
+from dtvg_scale.runtime.engine import build_engine  # noqa: E402
 from dtvg_scale.method.prompts import SoftPrompt, sample_init_prompt  # noqa: E402
 
 

@@ -34,8 +34,9 @@ from dtvg_scale.runtime.checkpoint import load_tensors, save_tensors
 from dtvg_scale.recipes.config import Config, ConfigError, LoopArgs, Stage2Args
 from dtvg_scale.data.encoding import encode_examples, encode_targets
 from dtvg_scale.runtime.distributed import DistContext, barrier, on_main_then_all
-from dtvg_scale.runtime.engine import (PromptRun, RunSpec, RunStopped, StepRecorder, build_engine, optimizer_groups,
-                               resolve_ds_config, resolve_precision)
+from dtvg_scale.runtime.ds_config import resolve_ds_config, resolve_precision
+from dtvg_scale.runtime.engine import build_engine, optimizer_groups
+from dtvg_scale.runtime.loop import PromptRun, RunSpec, RunStopped, StepRecorder
 from dtvg_scale.method.config import PRESETS, split_strategy
 from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.method.strategies import spot_source

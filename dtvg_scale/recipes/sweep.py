@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import tune
 
-    from dtvg_scale.runtime.engine import load_ds_config
+    from dtvg_scale.runtime.ds_config import load_ds_config
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)

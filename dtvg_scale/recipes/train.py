@@ -33,7 +33,8 @@ prepare_environment()  # before deepspeed is imported: CPU accelerator, world of
 from dtvg_scale.runtime.backbone import BackboneError  # noqa: E402
 from dtvg_scale.recipes.config import ConfigError, describe_options, load_config  # noqa: E402
 from dtvg_scale.runtime.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
-from dtvg_scale.runtime.engine import RunStopped, TrainingError, install_stop_handlers, load_ds_config  # noqa: E402
+from dtvg_scale.runtime.ds_config import load_ds_config  # noqa: E402
+from dtvg_scale.runtime.loop import RunStopped, TrainingError, install_stop_handlers  # noqa: E402
 from dtvg_scale.recipes.pipeline import Pipeline, StageError  # noqa: E402
 from dtvg_scale.data.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
 from dtvg_scale.data.task_files import TaskFileError, register_task_files  # noqa: E402
