@@ -1,4 +1,5 @@
-"""The one example type every task source produces: the synthetic worlds and the real files."""
+"""The one example type every task source produces (the synthetic worlds and the real files), and
+the one error of a task name no source knows."""
 
 from __future__ import annotations
 
@@ -11,3 +12,10 @@ class Example:
 
     source: str
     target: str
+
+
+class UnknownTaskError(ValueError, KeyError):
+    """An unknown task name: a ValueError for callers, a KeyError for dict-like lookups."""
+
+    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
+        return str(self.args[0]) if self.args else ""

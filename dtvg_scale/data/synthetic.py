@@ -30,7 +30,7 @@ from pathlib import Path
 
 import transformers
 
-from dtvg_scale.data.examples import Example
+from dtvg_scale.data.examples import Example, UnknownTaskError
 
 FAMILIES: tuple[str, ...] = ("t5", "llama")
 
@@ -45,13 +45,6 @@ class TaskSplits:
     test: list[Example]
     relation: str  # "target", "helpful", "unrelated" or "conflicting"
     labels: tuple[str, ...]
-
-
-class UnknownTaskError(ValueError, KeyError):
-    """An unknown task name: a ValueError for callers, a KeyError for dict-like lookups."""
-
-    def __str__(self) -> str:  # KeyError would otherwise print the message in quotes
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,10 @@ import random
 from functools import partial
 
 from dtvg_scale.data import benchmark_tasks, controlled, embedded
+from dtvg_scale.data.examples import UnknownTaskError
 from dtvg_scale.data.options import DataArgs
 from dtvg_scale.options import ConfigError
 from dtvg_scale.data.metrics import Scorer, accuracy_scorer
-
-
-class UnknownTaskError(ValueError):
-    pass
 
 
 def known_tasks() -> tuple[str, ...]:

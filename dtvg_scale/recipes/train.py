@@ -38,7 +38,7 @@ from dtvg_scale.runtime.loop import RunStopped, TrainingError, install_stop_hand
 from dtvg_scale.recipes.pipeline import Pipeline, StageError  # noqa: E402
 from dtvg_scale.data.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
 from dtvg_scale.data.task_files import TaskFileError, register_task_files  # noqa: E402
-from dtvg_scale.data.tasks import UnknownTaskError  # noqa: E402
+from dtvg_scale.data.examples import UnknownTaskError  # noqa: E402
 from dtvg_scale.outputs.summary import job_columns, runs_table_columns, summarize  # noqa: E402
 from dtvg_scale.outputs.tracking import flatten, make_tracker  # noqa: E402
 
