@@ -56,6 +56,7 @@ import transformers
 from dtvg_scale.data import synthetic
 from dtvg_scale.data.examples import Example
 from dtvg_scale.data.synthetic import PlantedTask, Surface, TaskSplits, World, check_family
+from dtvg_scale.runtime.cache import build_once
 
 LABELS: tuple[str, ...] = ("0", "1")
 WORDS: tuple[str, ...] = tuple(f"c{i:02d}" for i in range(48))
@@ -164,28 +165,16 @@ def pretrained_backbone(cache_dir: str | os.PathLike, family: str = "t5", log=pr
     ``cache_dir`` and reused. Built in a temporary sibling and renamed into place, so a folder
     that is there is complete, and a build killed midway is simply done again."""
     import dataclasses
-    import shutil
-    import tempfile
 
     cfg = PRETRAINED[check_family(family)]
     key = zlib.crc32(json.dumps([family, dataclasses.asdict(cfg)], sort_keys=True).encode())
     out = Path(cache_dir) / f"controlled_{family}_{key:08x}"
-    if (out / STAMP).is_file():
-        return str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log(f"pretraining the controlled:{family} backbone once, into {out}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        pretrain(tmp, cfg, log, family)
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process put a complete build there first
-            if not (out / STAMP).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+
+    def build(folder: Path) -> None:
+        log(f"pretraining the controlled:{family} backbone once, into {out}")
+        pretrain(folder, cfg, log, family)
+
+    return str(build_once(out, lambda folder: (folder / STAMP).is_file(), build))
 
 
 def pretrain(out_dir: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(), log=print,

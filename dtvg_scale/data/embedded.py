@@ -43,9 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +50,7 @@ from pathlib import Path
 import transformers
 
 from dtvg_scale.data import synthetic
+from dtvg_scale.runtime.cache import build_once
 from dtvg_scale.runtime.progress import library_bars_hidden
 from dtvg_scale.data.synthetic import (PlantedTask, Surface, TaskSplits, World, check_family, make_tiny_model,
                                   padded_vocab_size)
@@ -201,36 +199,14 @@ def build_tiny_backbone(
         # Never replace a folder this function did not write (e.g. a mistyped path).
         raise FileExistsError(f"{out} exists, is not empty and is not an embedded backbone build")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    def build(folder: Path) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = make_tiny_model(family, tokenizer, vocab_size, d_model, num_layers, num_heads, d_ff)
         with library_bars_hidden():
-            model.save_pretrained(tmp)  # safetensors by default
-        tokenizer.save_pretrained(tmp)
-        (tmp / _STAMP).write_text(json.dumps(stamp, sort_keys=True))  # last: marks completeness
-        _install(tmp, out, stamp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(out)
+            model.save_pretrained(folder)  # safetensors by default
+        tokenizer.save_pretrained(folder)
+        (folder / _STAMP).write_text(json.dumps(stamp, sort_keys=True))  # last: marks completeness
 
+    return str(build_once(out, lambda folder: _is_complete(folder, stamp), build))
 
-def _install(tmp: Path, out: Path, stamp: dict) -> None:
-    """Atomically put ``tmp`` at ``out``, replacing an older build with other settings."""
-    for _ in range(5):
-        try:
-            os.replace(tmp, out)  # succeeds if out is missing or an empty directory
-            return
-        except OSError:
-            if _is_complete(out, stamp):  # another process finished the same build first
-                return
-            aside = out.with_name(f".{out.name}.old-{uuid.uuid4().hex}")
-            try:
-                os.replace(out, aside)  # an older build with other settings: move it aside
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(aside, ignore_errors=True)
-    raise RuntimeError(f"could not install the backbone build at {out}")

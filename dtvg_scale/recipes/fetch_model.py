@@ -22,7 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from dtvg_scale.runtime.gguf_backbone import GGUFError, cache_root, convert_gguf, sha256_of
+from dtvg_scale.runtime.cache import cache_root
+from dtvg_scale.runtime.gguf_backbone import GGUFError, convert_gguf, sha256_of
 
 
 @dataclass(frozen=True)

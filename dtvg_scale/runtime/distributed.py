@@ -97,7 +97,7 @@ def use_own_extension_dir() -> str:
     environment of the user, and its build file names the environment's include paths, so two
     environments used in turn rebuilt the op each time, and one's killed build blocked the other."""
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        from dtvg_scale.runtime.gguf_backbone import cache_root
+        from dtvg_scale.runtime.cache import cache_root
 
         deepspeed_spec = importlib.util.find_spec("deepspeed")
         install = "|".join([sys.version, torch.__file__, torch.__version__, str(deepspeed_spec and deepspeed_spec.origin)])

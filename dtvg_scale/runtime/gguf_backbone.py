@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
+
+from dtvg_scale.runtime.cache import build_once, cache_root
 
 GGUF_MAGIC = b"GGUF"
 CONVERTED_MARKER = "gguf_source.json"  # written last: a folder with it is complete
@@ -30,15 +30,6 @@ class GGUFError(ValueError):
 
 def is_gguf_path(name_or_path: str) -> bool:
     return name_or_path.lower().endswith(".gguf")
-
-
-def cache_root() -> Path:
-    """Where downloads and conversions live: ``$DTVG_SCALE_CACHE``, else ``$XDG_CACHE_HOME/dtvg_scale``,
-    else ``~/.cache/dtvg_scale``. On a cluster, point it at a filesystem every node sees."""
-    if os.environ.get("DTVG_SCALE_CACHE"):
-        return Path(os.environ["DTVG_SCALE_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dtvg_scale"
 
 
 def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
@@ -97,8 +88,6 @@ def convert_gguf(path: str | Path, cache_dir: Path | None = None) -> Path:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    staging = folder.with_name(f"{folder.name}.partial{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     try:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         auto_class = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -115,17 +104,14 @@ def convert_gguf(path: str | Path, cache_dir: Path | None = None) -> Path:
     fresh = auto_class.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     fresh.tie_weights()
-    staging.mkdir(parents=True)
-    fresh.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / CONVERTED_MARKER).write_text(json.dumps({
-        "gguf_file": str(path), "sha256": digest, "architecture": architecture,
-        "transformers": transformers.__version__, "dtype": "float32",
-        "note": "weights dequantized from the GGUF file as it is (a quantized model stays quantized in value)",
-    }, indent=2) + "\n")
-    if (folder / CONVERTED_MARKER).is_file():  # another process finished first: keep theirs
-        shutil.rmtree(staging, ignore_errors=True)
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)  # an incomplete folder of an earlier crash
-    os.replace(staging, folder)
-    return folder
+
+    def write(staging: Path) -> None:
+        fresh.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / CONVERTED_MARKER).write_text(json.dumps({  # last: marks a complete conversion
+            "gguf_file": str(path), "sha256": digest, "architecture": architecture,
+            "transformers": transformers.__version__, "dtype": "float32",
+            "note": "weights dequantized from the GGUF file as it is (a quantized model stays quantized in value)",
+        }, indent=2) + "\n")
+
+    return build_once(folder, lambda built: (built / CONVERTED_MARKER).is_file(), write)
