@@ -43,7 +43,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 import torch
 import torch.distributed as dist
 
-from dtvg_scale.data import embedded
+from dtvg_scale.data import random_world
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, read_embedding_rows
 from dtvg_scale.recipes.config import Stage2Args
 from dtvg_scale.data.encoding import collate_train, encode_examples
@@ -72,8 +72,8 @@ class TinyT5:
         """Build the backbone folder once (rank 0 first: the others then find it complete)."""
         def build() -> str:
             folder = BACKBONE_CACHE / f"embedded_t5_d{self.d_model}_l{self.num_layers}_ff{self.d_ff}_world"
-            tokenizer = embedded.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), "t5")
-            return embedded.build_tiny_backbone(folder, "t5", tokenizer, d_model=self.d_model,
+            tokenizer = random_world.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), "t5")
+            return random_world.build_tiny_backbone(folder, "t5", tokenizer, d_model=self.d_model,
                                                 num_layers=self.num_layers, d_ff=self.d_ff)
 
         return on_main_then_all(build)
@@ -103,7 +103,7 @@ def real_backbone(model: str, args: argparse.Namespace) -> tuple[str, int, str]:
 
 def rank_batch(tokenizer, ctx: DistContext, batch_size: int, is_encoder_decoder: bool = True) -> dict[str, torch.Tensor]:
     """This rank's slice of one global batch of the embedded target task (the same every step)."""
-    task = embedded.embedded_task("emb_target", n_train=batch_size)
+    task = random_world.embedded_task("emb_target", n_train=batch_size)
     examples = encode_examples(task.train, tokenizer, is_encoder_decoder, 256, 20)
     (mine,) = rank_micro_batches(list(range(batch_size)), ctx.rank, ctx.world_size, 1)
     return collate_train([examples[i] for i in mine], tokenizer.pad_token_id, is_encoder_decoder)

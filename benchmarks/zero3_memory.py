@@ -119,11 +119,11 @@ def backbone_bytes(model) -> dict[str, int]:
 
 
 def target_batch(tokenizer, is_encoder_decoder: bool, rank: int, world_size: int) -> dict:
-    from dtvg_scale.data import embedded
+    from dtvg_scale.data import random_world
     from dtvg_scale.data.encoding import collate_train, encode_examples
     from dtvg_scale.runtime.sampling import rank_micro_batches
 
-    task = embedded.embedded_task("emb_target", n_train=GLOBAL_BATCH)
+    task = random_world.embedded_task("emb_target", n_train=GLOBAL_BATCH)
     examples = encode_examples(task.train, tokenizer, is_encoder_decoder, 256, 20)
     (mine,) = rank_micro_batches(list(range(GLOBAL_BATCH)), rank, world_size, 1)
     return collate_train([examples[i] for i in mine], tokenizer.pad_token_id, is_encoder_decoder)
@@ -205,7 +205,7 @@ def run_worker(kind: str, model_path: str, zero_extra: dict, out: Path) -> None:
 
 
 def build_backbone(shape: Shape | str) -> str:
-    from dtvg_scale.data import embedded
+    from dtvg_scale.data import random_world
 
     if shape == "smollm2":
         from dtvg_scale.recipes.fetch_model import fetch
@@ -214,8 +214,8 @@ def build_backbone(shape: Shape | str) -> str:
 
     folder = BACKBONE_CACHE / (f"memory_{shape.family}_d{shape.d_model}_l{shape.num_layers}"
                                f"_h{shape.num_heads}_ff{shape.d_ff}")
-    tokenizer = embedded.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), shape.family)
-    return embedded.build_tiny_backbone(folder, shape.family, tokenizer, d_model=shape.d_model,
+    tokenizer = random_world.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), shape.family)
+    return random_world.build_tiny_backbone(folder, shape.family, tokenizer, d_model=shape.d_model,
                                         num_layers=shape.num_layers, num_heads=shape.num_heads, d_ff=shape.d_ff)
 
 

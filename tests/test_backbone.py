@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dtvg_scale.data import embedded
+from dtvg_scale.data import random_world
 from dtvg_scale.runtime.backbone import PromptedModel, load_backbone, resolve_model_path
 from dtvg_scale.data.encoding import collate_generate, collate_train, encode_examples
 from dtvg_scale.runtime.sampling import eval_shard, global_batch_indices, rank_micro_batches
@@ -28,7 +28,7 @@ def test_backbone_is_frozen_and_only_the_prompt_trains(prompted):
 
 def test_prompt_is_prepended_with_mask_and_ignored_labels(prompted):
     model, backbone = prompted
-    examples = encode_examples(embedded.embedded_task("emb_target", n_train=3).train, backbone.tokenizer,
+    examples = encode_examples(random_world.embedded_task("emb_target", n_train=3).train, backbone.tokenizer,
                                backbone.is_encoder_decoder, 256, 4)
     batch = collate_train(examples, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
     inputs = model.prepend(model.prompt.prompt, batch["input_ids"], batch["attention_mask"])
@@ -48,7 +48,7 @@ def test_training_loss_is_transformers_own_loss(prompted):
     # decoder-only: the loss reads only the logits that score a label token (logits_to_keep),
     # and must equal the full model's own causal-LM loss
     model, backbone = prompted
-    examples = encode_examples(embedded.embedded_task("emb_target", n_train=5).train, backbone.tokenizer,
+    examples = encode_examples(random_world.embedded_task("emb_target", n_train=5).train, backbone.tokenizer,
                                backbone.is_encoder_decoder, 256, 4)
     batch = collate_train(examples, backbone.tokenizer.pad_token_id, backbone.is_encoder_decoder)
     model.eval()
@@ -64,7 +64,7 @@ def test_training_loss_is_transformers_own_loss(prompted):
 
 def test_generation_does_not_depend_on_padding(prompted):
     model, backbone = prompted
-    task = embedded.embedded_task("emb_target", n_test=6)
+    task = random_world.embedded_task("emb_target", n_test=6)
     examples = encode_examples(task.test, backbone.tokenizer, backbone.is_encoder_decoder, 256, 4)
     assert len({len(e.source_ids) for e in examples}) > 1  # different lengths, so padding happens
     model.eval()
@@ -81,7 +81,7 @@ def test_transfer_losses_are_the_training_loss_per_token_for_every_prompt(prompt
     # target_losses over several batches = the training forward's loss over one batch holding
     # every example (HF averages over all label tokens), for each prompt
     model, backbone = prompted
-    examples = encode_examples(embedded.embedded_task("emb_target", n_train=7).train, backbone.tokenizer,
+    examples = encode_examples(random_world.embedded_task("emb_target", n_train=7).train, backbone.tokenizer,
                                backbone.is_encoder_decoder, 256, 4)
     torch.manual_seed(1)
     prompts = torch.randn(3, 4, backbone.hidden_size)
@@ -112,7 +112,7 @@ def test_likelihood_predictions_pick_the_label_with_the_lowest_training_loss(pro
     from dtvg_scale.runtime.evaluation import likelihood_predictions
 
     model, backbone = prompted
-    examples = encode_examples(embedded.embedded_task("emb_target", n_test=5).test, backbone.tokenizer,
+    examples = encode_examples(random_world.embedded_task("emb_target", n_test=5).test, backbone.tokenizer,
                                backbone.is_encoder_decoder, 256, 4)
     labels = ("0", "1", "w03")  # a multi-token label too
     label_ids = encode_targets(labels, backbone.tokenizer, backbone.is_encoder_decoder, 4)
@@ -134,7 +134,7 @@ def test_label_losses_read_each_input_once_and_equal_one_forward_per_pair(prompt
     from dtvg_scale.data.encoding import EncodedExample, collate_inputs, encode_targets
 
     model, backbone = prompted
-    examples = encode_examples(embedded.embedded_task("emb_target", n_test=6).test, backbone.tokenizer,
+    examples = encode_examples(random_world.embedded_task("emb_target", n_test=6).test, backbone.tokenizer,
                                backbone.is_encoder_decoder, 256, 4)
     assert len({len(e.source_ids) for e in examples}) > 1  # inputs of different lengths: padding in the middle
     labels = ("0", "w03 w05", "1")  # labels of different lengths

@@ -4,8 +4,8 @@ that family, so that prompt tuning works.
 
 Why
 ---
-The embedded world (``dtvg_scale.data.embedded``) runs on a random backbone, where prompt tuning
-stays at chance. This world, with its backbone pretrained (``model.name_or_path=controlled:t5``,
+The random world (``dtvg_scale.data.random_world``, ``embedded:*``) runs on a random backbone, where
+prompt tuning stays at chance. This world, with its backbone pretrained (``model.name_or_path=controlled:t5``,
 ``pretrained_backbone``), is the default job's; its full-size benchmark is
 ``benchmarks/controlled/run.py``. Here the backbone first learns the family: every pretraining example starts
 with a *rule token* ``r<j>`` saying which rule labels it. A soft prompt can then stand in for

@@ -1,8 +1,8 @@
 """What the two synthetic worlds share: tasks with planted relations, their tokenizers, tiny backbones.
 
-Two worlds stand in for GLUE and a pretrained model on an offline machine: ``embedded`` (the
-random-backbone world of the tests) and ``controlled`` (a backbone pretrained here on a family of
-rules). Each declares its words, input surfaces and tasks as a :class:`World`; this module draws
+Two worlds stand in for GLUE and a pretrained model on an offline machine: ``random_world`` (the
+random-backbone world of the tests, ``embedded:*``) and ``controlled`` (a backbone pretrained here
+on a family of rules). Each declares its words, input surfaces and tasks as a :class:`World`; this module draws
 their examples, builds word-level tokenizers for both model families and makes the tiny
 untrained T5 / LLaMA backbones.
 

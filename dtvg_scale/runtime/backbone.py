@@ -63,13 +63,13 @@ def resolve_model_path(
 
         return controlled.pretrained_backbone(cache_dir, embedded_family(name_or_path))
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        from dtvg_scale.data import embedded
+        from dtvg_scale.data import random_world
 
         family = embedded_family(name_or_path)
         vocab = "world" if corpus is None else f"bpe{zlib.crc32(chr(0).join(corpus).encode()):08x}"
         folder = cache_dir / f"embedded_{family}_d{d_model}_l{num_layers}_{vocab}"
-        tokenizer = embedded.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), family, corpus)
-        return embedded.build_tiny_backbone(folder, family, tokenizer, d_model=d_model, num_layers=num_layers)
+        tokenizer = random_world.build_tokenizer(folder.with_name(folder.name + "_tokenizer"), family, corpus)
+        return random_world.build_tiny_backbone(folder, family, tokenizer, d_model=d_model, num_layers=num_layers)
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     path = Path(name_or_path).expanduser()
     if path.exists():

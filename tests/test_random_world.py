@@ -12,7 +12,7 @@ import transformers
 
 from dtvg_scale.data.examples import Example
 from dtvg_scale.data.synthetic import TaskSplits
-from dtvg_scale.data.embedded import (
+from dtvg_scale.data.random_world import (
     EMBEDDED_LABELS,
     EMBEDDED_SOURCES,
     EMBEDDED_TARGET,

@@ -1,4 +1,6 @@
-"""An embedded default world: a tiny multi-task benchmark that needs nothing downloaded.
+"""The random world (``model.name_or_path=embedded:t5|llama``, tasks ``emb_*``): a tiny multi-task
+benchmark that needs nothing downloaded, on a randomly initialised backbone. (The job's default
+runs on the controlled world, ``dtvg_scale.data.controlled``.)
 
 Why it exists
 -------------
