@@ -1,4 +1,4 @@
-"""Tests for the embedded default world: data, planted relations, tokenizers, tiny backbones."""
+"""The random world (data/random_world.py, `embedded:*`): data, planted relations, tokenizers, tiny backbones."""
 
 from __future__ import annotations
 
