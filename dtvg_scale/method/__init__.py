@@ -9,8 +9,10 @@ Read in this order:
 - ``merge.py``: ``P_mix = P_init + a_t*T_t + sum_k a_k*T_k`` and its variants; the starting scales.
 - ``strategies.py``: DTVG and the paper's ablations as masks over the decision; SPoT's pick.
 - ``prompts.py``: the trainable modules, ``SoftPrompt`` (Stage I, SPoT) and ``DTVGPrompt`` (Stage II).
+- ``transfer.py``: the transfer gain ``stage2.ranking=transfer`` ranks by (measured in ``runtime``).
 - ``config.py``: ``DTVGConfig`` (every knob of the merged prompt), the allowed values, the presets
   and the one check of them (the job's ``stage2`` options are these knobs).
 
-The training loop, the backbones and DeepSpeed live outside this package and only call it.
+The training loop, the backbones and DeepSpeed (``dtvg_scale.runtime``) live outside this package and
+only call it.
 """
