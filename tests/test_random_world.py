@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from dtvg_scale.data.examples import Example
-from dtvg_scale.data.synthetic import TaskSplits
+from dtvg_scale.data.examples import TaskData
 from dtvg_scale.data.random_world import (
     EMBEDDED_LABELS,
     EMBEDDED_SOURCES,
@@ -31,7 +31,7 @@ def _words(example: Example) -> list[str]:
     return example.source.split()[1:]
 
 
-def _all_examples(splits: TaskSplits) -> list[Example]:
+def _all_examples(splits: TaskData) -> list[Example]:
     return [*splits.train, *splits.validation, *splits.test]
 
 

@@ -64,7 +64,7 @@ import regex
 import torch
 
 from dtvg_scale.data import metrics
-from dtvg_scale.data.examples import Example
+from dtvg_scale.data.examples import Example, TaskData
 
 if TYPE_CHECKING:  # imported where a split is read: ~0.6 s at every start that most runs never need
     import datasets
@@ -105,22 +105,6 @@ class BenchmarkExample(Example):
 
     answers: tuple[str, ...] = ()
     group: str | None = None
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """One task's three splits, formatted, with what is known about them."""
-
-    name: str
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
-    labels: tuple[str, ...] | None  # class target strings; None for generative tasks
-    metric_names: tuple[str, ...]
-    reported_metric: str  # the number the paper's tables report
-    split_sizes: dict[str, int]  # examples per split, and "<official split>_rows" read from each source split
-    relation: str = ""
-    split_overrides: dict[str, str] = field(default_factory=dict)  # protocol split -> the official split read instead
 
 
 class MissingSplitError(FileNotFoundError):

@@ -54,8 +54,8 @@ from pathlib import Path
 import transformers
 
 from dtvg_scale.data import synthetic
-from dtvg_scale.data.examples import Example
-from dtvg_scale.data.synthetic import PlantedTask, Surface, TaskSplits, World, check_family
+from dtvg_scale.data.examples import Example, TaskData
+from dtvg_scale.data.synthetic import PlantedTask, Surface, World, check_family
 from dtvg_scale.runtime.cache import build_once
 
 LABELS: tuple[str, ...] = ("0", "1")
@@ -103,7 +103,7 @@ def relations() -> dict[str, str]:
 
 
 def controlled_task(name: str, seed: int = 0, n_train: int = 512, n_validation: int = 128,
-                    n_test: int = 128) -> TaskSplits:
+                    n_test: int = 128) -> TaskData:
     """Splits of one held-out task (test, then validation, then train; train nests; the target's
     train is capped at ``TARGET_TRAIN``)."""
     return WORLD.splits(name, seed, n_train, n_validation, n_test)

@@ -52,9 +52,10 @@ from pathlib import Path
 import transformers
 
 from dtvg_scale.data import synthetic
+from dtvg_scale.data.examples import TaskData
 from dtvg_scale.runtime.cache import build_once
 from dtvg_scale.runtime.progress import library_bars_hidden
-from dtvg_scale.data.synthetic import (PlantedTask, Surface, TaskSplits, World, check_family, make_tiny_model,
+from dtvg_scale.data.synthetic import (PlantedTask, Surface, World, check_family, make_tiny_model,
                                   padded_vocab_size)
 
 __all__ = [
@@ -110,7 +111,7 @@ def task_rule(name: str) -> Callable[[Sequence[str] | str], str]:
 
 def embedded_task(
     name: str, seed: int = 0, n_train: int = 512, n_validation: int = 128, n_test: int = 128
-) -> TaskSplits:
+) -> TaskData:
     """The splits of one embedded task, deterministic given (name, seed, sizes).
 
     Test is drawn first and train last, so the test and validation sets do not depend on

@@ -30,21 +30,9 @@ from pathlib import Path
 
 import transformers
 
-from dtvg_scale.data.examples import Example, UnknownTaskError
+from dtvg_scale.data.examples import Example, TaskData, UnknownTaskError
 
 FAMILIES: tuple[str, ...] = ("t5", "llama")
-
-
-@dataclass(frozen=True)
-class TaskSplits:
-    """The three splits of one synthetic task plus its planted relation to the target."""
-
-    name: str
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
-    relation: str  # "target", "helpful", "unrelated" or "conflicting"
-    labels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -136,7 +124,7 @@ class World:
         return out
 
     def splits(self, name: str, seed: int = 0, n_train: int = 512, n_validation: int = 128,
-               n_test: int = 128) -> TaskSplits:
+               n_test: int = 128) -> TaskData:
         """The splits of one task, deterministic given (name, seed, sizes): test first, train last."""
         spec = self.task(name)
         if min(n_train, n_validation, n_test) < 0:
@@ -147,7 +135,8 @@ class World:
         test = self.generate(name, self.stream(seed, name, "test"), n_test, seen)
         validation = self.generate(name, self.stream(seed, name, "validation"), n_validation, seen)
         train = self.generate(name, self.stream(seed, name, "train"), n_train, seen)
-        return TaskSplits(name, train, validation, test, spec.relation, self.labels)
+        return TaskData(name=name, train=train, validation=validation, test=test, labels=self.labels,
+                        relation=spec.relation)
 
     def tokens(self) -> list[str]:
         """Every word of the world in a fixed order (not read from data, so it never misses one)."""

@@ -116,8 +116,8 @@ class Pipeline:
         for name, splits in self.splits.items():
             examples = {split: len(getattr(splits, split)) for split in ("train", "validation", "test")}
             record[name] = {"role": "target" if name == self.cfg.data.target else "source", "examples": examples,
-                            "split_sizes": getattr(splits, "split_sizes", None) or examples,
-                            "split_overrides": getattr(splits, "split_overrides", {})}
+                            "split_sizes": splits.split_sizes or examples,
+                            "split_overrides": splits.split_overrides}
         return record
 
     # ------------------------------------------------------------ shared pieces
