@@ -167,7 +167,9 @@ def test_transfer_ranking_ranks_by_the_measured_gains_and_needs_them():
     init = torch.zeros(2, 3)
     target = torch.ones(2, 3)
     sources = torch.stack([torch.ones(2, 3), 0.5 * torch.ones(2, 3), 0.4 * torch.ones(2, 3)])
-    module = DTVGPrompt(init, target, sources, DTVGConfig(ranking="transfer", threshold=0.0))
+    module = DTVGPrompt(init + 1, target, sources, DTVGConfig(ranking="transfer", threshold=0.0))
+    # what the gains compare: P_init, then P_init + T_k for every source
+    torch.testing.assert_close(module.transfer_prompts(), torch.cat([(init + 1).unsqueeze(0), init + 1 + sources]))
     with pytest.raises(RuntimeError, match="set_transfer_gain"):
         module()
     module.set_transfer_gain(torch.tensor([-0.5, 1.0, 2.0]))

@@ -77,6 +77,11 @@ class DTVGPrompt(nn.Module):
         self.target_scale = nn.Parameter(target_scale)
         self.source_scales = nn.Parameter(source_scales)
 
+    def transfer_prompts(self) -> Tensor:
+        """``[P_init; P_init + T_1; ...; P_init + T_K]`` [K + 1, r, d]: the prompts whose target loss
+        the transfer gains compare (``dtvg_scale.method.transfer``)."""
+        return torch.cat([self.init_prompt.unsqueeze(0), self.init_prompt + self.source_tvs])
+
     def set_transfer_gain(self, gain: Tensor) -> None:
         """The sources' transfer gains [K] (``dtvg_scale.method.transfer``), for ranking="transfer"."""
         if gain.shape != self.transfer_gain.shape:

@@ -398,12 +398,12 @@ class Pipeline:
         target's first ``stage2.transfer_examples`` training examples, hand the gains to the DTVG
         prompt and write them to ``<run>/transfer.json``."""
         module: DTVGPrompt = engine.module.prompt
-        prompts = torch.cat([module.init_prompt.unsqueeze(0), module.init_prompt + module.source_tvs])
+        prompts = module.transfer_prompts()
         examples = spec.train[: loop.transfer_examples]
         losses = target_losses(engine.module, prompts, examples, pad_id, loop.eval_batch_size,
                                self.ctx.rank, self.ctx.world_size)
         gains = transfer_gains(losses[0], losses[1:])
-        module.set_transfer_gain(gains.to(module.transfer_gain.device))
+        module.set_transfer_gain(gains.to(prompts.device))
         if self.ctx.is_main:
             spec.out_dir.mkdir(parents=True, exist_ok=True)
             report = {"examples": len(examples), "init_loss": float(losses[0]),
