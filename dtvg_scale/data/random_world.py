@@ -53,10 +53,9 @@ import transformers
 
 from dtvg_scale.data import synthetic
 from dtvg_scale.data.examples import TaskData
+from dtvg_scale.data.synthetic import PlantedTask, Surface, World, check_family, make_tiny_model, padded_vocab_size
 from dtvg_scale.runtime.cache import build_once
 from dtvg_scale.runtime.progress import library_bars_hidden
-from dtvg_scale.data.synthetic import (PlantedTask, Surface, World, check_family, make_tiny_model,
-                                  padded_vocab_size)
 
 __all__ = [
     "EMBEDDED_LABELS",

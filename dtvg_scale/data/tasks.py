@@ -15,9 +15,9 @@ from functools import partial
 
 from dtvg_scale.data import benchmark_tasks, controlled, random_world
 from dtvg_scale.data.examples import UnknownTaskError
+from dtvg_scale.data.metrics import Scorer, accuracy_scorer
 from dtvg_scale.data.options import DataArgs
 from dtvg_scale.options import ConfigError
-from dtvg_scale.data.metrics import Scorer, accuracy_scorer
 
 
 def known_tasks() -> tuple[str, ...]:

@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from dtvg_scale.method.selection import EXACT_MAX_SOURCES
-from dtvg_scale.method.config import PAPER, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
-from dtvg_scale.method.strategies import STRATEGIES
 from dtvg_scale.data.options import DataArgs
+from dtvg_scale.method.config import PAPER, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
+from dtvg_scale.method.selection import EXACT_MAX_SOURCES
+from dtvg_scale.method.strategies import STRATEGIES
 from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, Range, option
 from dtvg_scale.runtime.options import LoopArgs, ModelArgs, PromptArgs
 

@@ -27,22 +27,22 @@ from typing import Any, Callable
 import torch
 
 from dtvg_scale.data import controlled, tasks
-from dtvg_scale.outputs import group_trace
-from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
-                                 read_embedding_rows, resolve_model_path)
-from dtvg_scale.runtime.checkpoint import load_tensors, save_tensors
-from dtvg_scale.recipes.config import Config, ConfigError, LoopArgs, Stage2Args
 from dtvg_scale.data.encoding import encode_examples, encode_targets
+from dtvg_scale.data.task_files import register_task_files
+from dtvg_scale.method.config import PRESETS, split_strategy
+from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
+from dtvg_scale.method.strategies import spot_source
+from dtvg_scale.method.transfer import transfer_gains
+from dtvg_scale.outputs import group_trace
+from dtvg_scale.outputs.tracking import flatten, make_tracker, result_columns
+from dtvg_scale.recipes.config import Config, ConfigError, LoopArgs, Stage2Args
+from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
+                                         read_embedding_rows, resolve_model_path)
+from dtvg_scale.runtime.checkpoint import load_tensors, save_tensors
 from dtvg_scale.runtime.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.runtime.ds_config import resolve_ds_config, resolve_precision
 from dtvg_scale.runtime.engine import build_engine, optimizer_groups
 from dtvg_scale.runtime.loop import PromptRun, RunSpec, RunStopped, StepRecorder
-from dtvg_scale.method.config import PRESETS, split_strategy
-from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
-from dtvg_scale.method.strategies import spot_source
-from dtvg_scale.data.task_files import register_task_files
-from dtvg_scale.outputs.tracking import flatten, make_tracker, result_columns
-from dtvg_scale.method.transfer import transfer_gains
 from dtvg_scale.runtime.transfer_losses import target_losses
 
 

@@ -30,18 +30,18 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from dtvg_scale.data import tasks  # noqa: E402
-from dtvg_scale.runtime.backbone import PromptedModel  # noqa: E402
 from dtvg_scale.data.benchmark_tasks import BENCHMARK_GROUPS  # noqa: E402
-from dtvg_scale.runtime.checkpoint import load_tensors  # noqa: E402
-from dtvg_scale.recipes.config import ConfigError, load_config  # noqa: E402
 from dtvg_scale.data.encoding import encode_examples  # noqa: E402
+from dtvg_scale.method.config import split_strategy  # noqa: E402
+from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
+from dtvg_scale.method.strategies import STRATEGIES  # noqa: E402
+from dtvg_scale.recipes.config import ConfigError, load_config  # noqa: E402
+from dtvg_scale.recipes.pipeline import Pipeline  # noqa: E402
+from dtvg_scale.runtime.backbone import PromptedModel  # noqa: E402
+from dtvg_scale.runtime.checkpoint import load_tensors  # noqa: E402
 from dtvg_scale.runtime.distributed import init_distributed  # noqa: E402
 from dtvg_scale.runtime.ds_config import load_ds_config  # noqa: E402
 from dtvg_scale.runtime.evaluation import generate_predictions  # noqa: E402
-from dtvg_scale.method.prompts import SoftPrompt  # noqa: E402
-from dtvg_scale.recipes.pipeline import Pipeline  # noqa: E402
-from dtvg_scale.method.config import split_strategy  # noqa: E402
-from dtvg_scale.method.strategies import STRATEGIES  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 

@@ -48,9 +48,9 @@ from typing import Any
 
 import yaml
 
-from dtvg_scale.recipes.config import ConfigError, load_config
 from dtvg_scale.data.task_files import TaskFileError, register_task_files
 from dtvg_scale.outputs.tracking import EXPERIMENT_KIND_TAG, PARENT_TAG, TRAINING_KIND, MLflowTracker
+from dtvg_scale.recipes.config import ConfigError, load_config
 
 PACKAGE = Path(__file__).resolve().parents[1]  # dtvg_scale/: train.py, the path the launcher takes
 
@@ -112,10 +112,10 @@ def run_stage2(trial_config: dict[str, Any], settings: dict[str, Any]) -> None:
     Runs inside a Tune worker (one rank) or on every Ray Train worker (several ranks)."""
     from ray import tune
 
-    from dtvg_scale.runtime.distributed import free_port, init_distributed
     from dtvg_scale.outputs import group_trace
     from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time
     from dtvg_scale.recipes.pipeline import Pipeline
+    from dtvg_scale.runtime.distributed import free_port, init_distributed
 
     one_rank = settings["ranks"] == 1
     trial_dir = Path(tune.get_context().get_trial_dir()) if one_rank else Path(settings["trial_dir"])

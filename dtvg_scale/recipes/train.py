@@ -30,17 +30,17 @@ from dtvg_scale.runtime.distributed import prepare_environment
 
 prepare_environment()  # before deepspeed is imported: CPU accelerator, world of one
 
-from dtvg_scale.runtime.backbone import BackboneError  # noqa: E402
+from dtvg_scale.data.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
+from dtvg_scale.data.examples import UnknownTaskError  # noqa: E402
+from dtvg_scale.data.task_files import TaskFileError, register_task_files  # noqa: E402
+from dtvg_scale.outputs.summary import job_columns, runs_table_columns, summarize  # noqa: E402
+from dtvg_scale.outputs.tracking import flatten, make_tracker  # noqa: E402
 from dtvg_scale.recipes.config import ConfigError, describe_options, load_config  # noqa: E402
+from dtvg_scale.recipes.pipeline import Pipeline, StageError  # noqa: E402
+from dtvg_scale.runtime.backbone import BackboneError  # noqa: E402
 from dtvg_scale.runtime.distributed import barrier, init_distributed, shutdown_distributed  # noqa: E402
 from dtvg_scale.runtime.ds_config import load_ds_config  # noqa: E402
 from dtvg_scale.runtime.loop import RunStopped, TrainingError, install_stop_handlers  # noqa: E402
-from dtvg_scale.recipes.pipeline import Pipeline, StageError  # noqa: E402
-from dtvg_scale.data.benchmark_tasks import MissingSplitError, ProtocolError  # noqa: E402
-from dtvg_scale.data.task_files import TaskFileError, register_task_files  # noqa: E402
-from dtvg_scale.data.examples import UnknownTaskError  # noqa: E402
-from dtvg_scale.outputs.summary import job_columns, runs_table_columns, summarize  # noqa: E402
-from dtvg_scale.outputs.tracking import flatten, make_tracker  # noqa: E402
 
 # DeepSpeed 0.19 calls collectives torch 2.13 marks deprecated, once per step: pure noise.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

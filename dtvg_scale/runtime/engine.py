@@ -11,9 +11,9 @@ import deepspeed
 import torch
 from torch import Tensor, nn
 
+from dtvg_scale.options import ConfigError
 from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.runtime.checkpoint import SafetensorsCheckpointEngine
-from dtvg_scale.options import ConfigError
 from dtvg_scale.runtime.options import LoopArgs
 
 logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -14,9 +14,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.data.encoding import EncodedExample, collate_generate, collate_inputs
+from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.runtime.sampling import eval_shard
+
 
 @torch.no_grad()
 def generate_predictions(

@@ -31,18 +31,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dtvg_scale.data.encoding import EncodedExample, collate_train
+from dtvg_scale.data.metrics import Scorer, accuracy_scorer
+from dtvg_scale.outputs.tracking import Tracker
 from dtvg_scale.runtime.backbone import Backbone, PromptedModel, held_bytes
 from dtvg_scale.runtime.checkpoint import (checkpoint_tags, file_record, save_tensors, set_aside, trusted_tag,
-                                          write_manifest)
-from dtvg_scale.runtime.options import LoopArgs
-from dtvg_scale.data.encoding import EncodedExample, collate_train
-from dtvg_scale.runtime.sampling import global_batch_indices, rank_micro_batches
-from dtvg_scale.runtime.engine import ds_stage, gathered_prompt
+                                           write_manifest)
 from dtvg_scale.runtime.distributed import DistContext, all_ranks_equal, barrier, from_main, gather_to_main
-from dtvg_scale.data.metrics import Scorer, accuracy_scorer
+from dtvg_scale.runtime.engine import ds_stage, gathered_prompt
 from dtvg_scale.runtime.evaluation import generate_predictions, likelihood_predictions
+from dtvg_scale.runtime.options import LoopArgs
 from dtvg_scale.runtime.progress import Progress
-from dtvg_scale.outputs.tracking import Tracker
+from dtvg_scale.runtime.sampling import global_batch_indices, rank_micro_batches
 
 
 class TrainingError(RuntimeError):

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.data.encoding import EncodedExample, collate_train
+from dtvg_scale.runtime.backbone import PromptedModel
 from dtvg_scale.runtime.sampling import eval_shard
 
 
