@@ -429,6 +429,26 @@ class MLflowTracker(Tracker):
             self._fail("finish", exc)
 
 
+
+def log_run_files(tracker: Tracker, out_dir: Path, extra_files: dict[str, Any]) -> None:
+    """What a run leaves behind, as artifacts of its MLflow run: ``extra_files`` written into
+    ``out_dir`` first as JSON (e.g. the resolved DeepSpeed config), the group trace's heatmap and
+    similarity-over-time plots when the run has a trace, then every file of ``out_dir``."""
+    if not tracker.active:
+        return
+    from dtvg_scale.outputs import group_trace
+    from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time  # matplotlib: only when tracked
+
+    for name, value in extra_files.items():
+        (out_dir / name).write_text(json.dumps(value, indent=2) + "\n")
+    trace = out_dir / group_trace.FILE_NAME
+    if trace.is_file():
+        group_trace_heatmap(trace, out_dir / "group_trace_heatmap.png")
+        similarity_over_time(trace, out_dir / "similarity_over_time.png")
+    for path in sorted(out_dir.iterdir()):
+        if path.is_file():
+            tracker.log_artifact(path)
+
 def result_columns(result: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, tags) of a finished run's ``result.json`` worth a column in the runs table: the
     best prompt's validation and test score in the task's reported metric and, in Stage II, the

@@ -34,10 +34,10 @@ from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
 from dtvg_scale.method.strategies import spot_source
 from dtvg_scale.method.transfer import transfer_gains
 from dtvg_scale.outputs import group_trace
-from dtvg_scale.outputs.tracking import flatten, make_tracker, result_columns
+from dtvg_scale.outputs.tracking import flatten, log_run_files, make_tracker, result_columns
 from dtvg_scale.recipes.config import Config, ConfigError, LoopArgs, Stage2Args
-from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, is_decoder_only, load_backbone,
-                                         read_embedding_rows, resolve_model_path)
+from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, check_prompt_fits, hidden_size,
+                                         is_decoder_only, load_backbone, read_embedding_rows, resolve_model_path)
 from dtvg_scale.runtime.checkpoint import load_tensors, save_tensors
 from dtvg_scale.runtime.distributed import DistContext, barrier, on_main_then_all
 from dtvg_scale.runtime.ds_config import resolve_ds_config, resolve_precision
@@ -105,8 +105,8 @@ class Pipeline:
             recorded = str(local.resolve()) if local.exists() else self.model_path  # else a hub name
             (self.out / "backbone.json").write_text(json.dumps(
                 {"name_or_path": cfg.model.name_or_path, "model_path": recorded}, indent=2) + "\n")
-        self.hidden_size = _hidden_size(self.model_path)
-        _check_prompt_fits(self.model_path, cfg.prompt.length, cfg.prompt.init_vocab_limit)
+        self.hidden_size = hidden_size(self.model_path)
+        check_prompt_fits(self.model_path, cfg.prompt.length, cfg.prompt.init_vocab_limit)
         self._encoded: dict[str, Any] = {}
         self._backbones: dict[str, Backbone] = {}
 
@@ -230,25 +230,8 @@ class Pipeline:
         finally:
             engine.destroy()  # releases ZeRO-3 hooks; without it teardown can abort
             if self.ctx.is_main:
-                self._log_artifacts(tracker, spec.out_dir, ds_config)
+                log_run_files(tracker, spec.out_dir, {"ds_config.resolved.json": ds_config})
             tracker.finish(status)
-
-    @staticmethod
-    def _log_artifacts(tracker, out_dir: Path, ds_config: dict) -> None:
-        """What a run leaves behind, as MLflow artifacts: its files, the resolved DeepSpeed
-        config, and (Stage II) the group-trace heatmap and similarity-over-time plots."""
-        if not tracker.active:
-            return
-        from dtvg_scale.outputs.plots import group_trace_heatmap, similarity_over_time  # matplotlib: only when tracked
-
-        (out_dir / "ds_config.resolved.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        trace = out_dir / group_trace.FILE_NAME
-        if trace.is_file():
-            group_trace_heatmap(trace, out_dir / "group_trace_heatmap.png")
-            similarity_over_time(trace, out_dir / "similarity_over_time.png")
-        for path in sorted(out_dir.iterdir()):
-            if path.is_file():
-                tracker.log_artifact(path)
 
     @staticmethod
     def _done(out_dir: Path) -> dict[str, Any] | None:
@@ -411,24 +394,3 @@ class Pipeline:
                                   for name, loss, gain in zip(names, losses[1:], gains, strict=True)}}
             (spec.out_dir / "transfer.json").write_text(json.dumps(report, indent=2) + "\n")
 
-
-def _hidden_size(model_path: str) -> int:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    for key in ("d_model", "hidden_size", "n_embd"):
-        if hasattr(config, key):
-            return int(getattr(config, key))
-    raise ConfigError(f"cannot tell the hidden size of {model_path}")
-
-
-def _check_prompt_fits(model_path: str, length: int, vocab_limit: int) -> None:
-    """P_init draws ``length`` distinct rows from the first ``vocab_limit`` token ids: say so before
-    any model loads if there are not that many (e.g. the paper's 100 on a tiny embedded world)."""
-    from transformers import AutoConfig
-
-    available = min(vocab_limit, int(AutoConfig.from_pretrained(model_path).vocab_size))
-    if length > available:
-        raise ConfigError(f"prompt.length={length} needs that many distinct embedding rows, but P_init is drawn from "
-                          f"{available} (min of prompt.init_vocab_limit={vocab_limit} and the vocabulary of "
-                          f"{model_path})")

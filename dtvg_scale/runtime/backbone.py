@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from dtvg_scale.options import ConfigError
 from dtvg_scale.runtime.gguf_backbone import GGUFError, convert_gguf, is_gguf_path
 from dtvg_scale.runtime.progress import library_bars_hidden
 
@@ -103,6 +104,25 @@ def is_encoder_decoder_config(model_path: str) -> bool:
     except OSError as err:
         raise BackboneError(f"cannot load a model config from {model_path!r}: {err}") from err
     return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def hidden_size(model_path: str) -> int:
+    """The width of the model's embedding rows, from its config (before any weight loads)."""
+    config = AutoConfig.from_pretrained(model_path)
+    for key in ("d_model", "hidden_size", "n_embd"):
+        if hasattr(config, key):
+            return int(getattr(config, key))
+    raise ConfigError(f"cannot tell the hidden size of {model_path}")
+
+
+def check_prompt_fits(model_path: str, length: int, vocab_limit: int) -> None:
+    """P_init draws ``length`` distinct rows from the first ``vocab_limit`` token ids: say so before
+    any model loads if there are not that many (e.g. the paper's 100 on a tiny embedded world)."""
+    available = min(vocab_limit, int(AutoConfig.from_pretrained(model_path).vocab_size))
+    if length > available:
+        raise ConfigError(f"prompt.length={length} needs that many distinct embedding rows, but P_init is drawn from "
+                          f"{available} (min of prompt.init_vocab_limit={vocab_limit} and the vocabulary of "
+                          f"{model_path})")
 
 
 def load_backbone(model_path: str, name: str, ds_config: dict, dtype: torch.dtype) -> Backbone:
