@@ -27,37 +27,33 @@ from typing import Any, Callable
 import torch
 
 from dtvg_scale.data import controlled, tasks
-from dtvg_scale.data.encoding import encode_examples, encode_targets
 from dtvg_scale.data.task_files import register_task_files
 from dtvg_scale.method.config import PRESETS, split_strategy
-from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt, sample_init_prompt
+from dtvg_scale.method.prompts import DTVGPrompt, SoftPrompt
 from dtvg_scale.method.strategies import spot_source
 from dtvg_scale.method.transfer import transfer_gains
 from dtvg_scale.outputs import group_trace
-from dtvg_scale.outputs.tracking import flatten, log_run_files, make_tracker, result_columns
+from dtvg_scale.outputs.tracking import flatten
 from dtvg_scale.recipes.config import Config, ConfigError, LoopArgs, Stage2Args
-from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, Backbone, PromptedModel, check_prompt_fits, hidden_size,
-                                         is_decoder_only, load_backbone, read_embedding_rows, resolve_model_path)
-from dtvg_scale.runtime.checkpoint import load_tensors, save_tensors
+from dtvg_scale.runtime.backbone import (CONTROLLED_PREFIX, PromptedModel, check_prompt_fits, hidden_size,
+                                         is_decoder_only, resolve_model_path)
+from dtvg_scale.runtime.checkpoint import load_tensors
 from dtvg_scale.runtime.distributed import DistContext, barrier, on_main_then_all
-from dtvg_scale.runtime.ds_config import resolve_ds_config, resolve_precision
+from dtvg_scale.runtime.ds_config import resolve_precision
 from dtvg_scale.runtime.engine import build_engine, optimizer_groups
-from dtvg_scale.runtime.loop import PromptRun, RunSpec, RunStopped, StepRecorder
+from dtvg_scale.runtime.loop import PromptRun, RunSpec
+from dtvg_scale.runtime.session import Session, StageError
 from dtvg_scale.runtime.transfer_losses import target_losses
 
 
-class StageError(ValueError):
-    """Stage-I outputs missing or not usable for this Stage II."""
-
-
 class Pipeline:
+    """One job: its tasks and backbone checked and loaded (before any training), then the zero-shot
+    score, Stage I and Stage II, each run through the job's ``Session`` (``runtime/session.py``)."""
+
     def __init__(self, ctx: DistContext, cfg: Config, raw_ds_config: dict,
                  on_evaluate: Callable[[int, dict[str, float]], None] | None = None) -> None:
         self.ctx = ctx
-        self.on_evaluate = on_evaluate
-        self.parent_run_id: str | None = None  # the job's MLflow run: every run here is its child
         self.cfg = cfg
-        self.raw_ds_config = raw_ds_config
         self.out = Path(cfg.run.output_dir)
         self.stage1_dir = Path(cfg.run.stage1_dir) if cfg.run.stage1_dir else self.out / "stage1"
         self.dtype = resolve_precision(cfg.model.precision)
@@ -107,8 +103,10 @@ class Pipeline:
                 {"name_or_path": cfg.model.name_or_path, "model_path": recorded}, indent=2) + "\n")
         self.hidden_size = hidden_size(self.model_path)
         check_prompt_fits(self.model_path, cfg.prompt.length, cfg.prompt.init_vocab_limit)
-        self._encoded: dict[str, Any] = {}
-        self._backbones: dict[str, Backbone] = {}
+        # the largest trainable tensor (the prompt, or the sources' scales): ZeRO-3 keeps it whole on every rank
+        largest = max(cfg.prompt.length * self.hidden_size, len(cfg.data.sources) * cfg.prompt.length)
+        self.session = Session(ctx, self.out, raw_ds_config, self.model_path, cfg.model.name_or_path, self.dtype,
+                               largest, self.hidden_size, cfg.prompt, cfg.data, cfg.run, self.splits, on_evaluate)
 
     def _data_record(self) -> dict[str, Any]:
         """What each task's splits really held (subsets and caps included) and any protocol departure."""
@@ -120,139 +118,29 @@ class Pipeline:
                             "split_overrides": splits.split_overrides}
         return record
 
-    # ------------------------------------------------------------ shared pieces
-    def _ds_config(self, loop: LoopArgs) -> dict:
-        length, num_sources = self.cfg.prompt.length, len(self.cfg.data.sources)
-        largest = max(length * self.hidden_size, num_sources * length)
-        return resolve_ds_config(self.raw_ds_config, loop, self.ctx.world_size, self.dtype, largest)
-
-    def load(self, loop: LoopArgs) -> tuple[Backbone, dict]:
-        """The frozen backbone and the DeepSpeed config of a run with ``loop``. The backbone is
-        loaded once per partitioning: every run's engine wraps the same frozen module (each
-        engine removes its ZeRO-3 hooks when destroyed), which saves a whole load per run."""
-        ds_config = self._ds_config(loop)
-        key = json.dumps(ds_config.get("zero_optimization", {}), sort_keys=True)
-        if key not in self._backbones:
-            self._backbones[key] = load_backbone(self.model_path, self.cfg.model.name_or_path, ds_config, self.dtype)
-        return self._backbones[key], ds_config
-
-    def _examples(self, task: str, backbone: Backbone) -> tuple:
-        """The task's splits, raw and tokenised (once per task)."""
-        if task not in self._encoded:
-            splits = self.splits[task]
-            encode = lambda rows: encode_examples(  # noqa: E731
-                rows, backbone.tokenizer, backbone.is_encoder_decoder,
-                self.cfg.data.max_source_length, self.cfg.data.max_target_length,
-            )
-            self._encoded[task] = (splits, encode(splits.train), encode(splits.validation), encode(splits.test))
-        return self._encoded[task]
-
-    def _label_ids(self, task: str, backbone: Backbone) -> tuple[tuple[int, ...], ...]:
-        """eval_mode=likelihood: the task's class labels as training tokenises targets."""
-        if self.cfg.data.eval_mode != "likelihood":
-            return ()
-        return tuple(encode_targets(self.splits[task].labels, backbone.tokenizer, backbone.is_encoder_decoder,
-                                    self.cfg.data.max_target_length))
-
-    def init_prompt(self, backbone: Backbone) -> torch.Tensor:
-        """P_init: drawn from the (gathered) embedding table by every run and written once. A run
-        that finds it on disk checks that the backbone still gives the same rows, so a backbone
-        rebuilt or replaced under the same name cannot mix with Stage-I vectors of the old one."""
-        p = self.cfg.prompt
-        rows = read_embedding_rows(  # a collective under ZeRO-3: every rank, every run
-            backbone.model, lambda w: sample_init_prompt(w, p.length, p.init_vocab_limit, p.init_seed)
-        ).float().cpu()
-        path = self.out / "init_prompt.safetensors"
-        exists = path.exists()
-        barrier()  # every rank has looked before rank 0 may write: all take the same branch
-        if not exists:
-            if self.ctx.is_main:
-                save_tensors(path, {"init_prompt": rows}, self._fingerprint())
-            barrier()
-        tensors, meta = load_tensors(path)
-        if meta != self._fingerprint():
-            raise StageError(f"{path} was drawn for {meta}, but this run asks for {self._fingerprint()}; "
-                             f"use another run.output_dir")
-        if not torch.equal(tensors["init_prompt"], rows):
-            raise StageError(f"the backbone {self.cfg.model.name_or_path!r} has changed since {path} was drawn (its "
-                             f"embedding rows differ), so this run's earlier outputs belong to another model; "
-                             f"use another run.output_dir")
-        return tensors["init_prompt"]
-
-    def _fingerprint(self) -> dict[str, Any]:
-        p = self.cfg.prompt
-        return {"backbone": self.cfg.model.name_or_path, "hidden_size": self.hidden_size,
-                "length": p.length, "init_seed": p.init_seed, "init_vocab_limit": p.init_vocab_limit}
-
-    def _spec(self, name: str, out_dir: Path, loop: LoopArgs, task: str, backbone: Backbone,
-              recorder: StepRecorder | None = None) -> RunSpec:
-        splits, train, validation, test = self._examples(task, backbone)
-        run = self.cfg.run
-        return RunSpec(name=name, out_dir=out_dir, loop=loop, train=train, validation=validation, test=test,
-                       validation_examples=splits.validation, test_examples=splits.test,
-                       scorer=tasks.scorer(task), reported_metric=tasks.reported_metric(task),
-                       max_new_tokens=self.cfg.data.max_target_length, seed=run.seed, recorder=recorder,
-                       keep_checkpoints=run.keep_checkpoints, resume=run.resume,
-                       check_rank_agreement=run.check_rank_agreement, progress=run.progress,
-                       stop_after=run.stop_after, on_evaluate=self.on_evaluate, eval_mode=self.cfg.data.eval_mode,
-                       labels=tuple(splits.labels or ()) if self.cfg.data.eval_mode == "likelihood" else (),
-                       label_ids=self._label_ids(task, backbone))
-
-    def _train(self, backbone: Backbone, ds_config: dict, module: torch.nn.Module, groups: list[dict],
-               loop: LoopArgs, spec: RunSpec, prepare: Callable[[Any], None] | None = None,
-               **artifacts: Any) -> dict[str, Any]:
-        """Train ``module`` on the frozen backbone; ``prepare(engine)`` runs first (on every rank:
-        a forward through a ZeRO-3 engine is a collective)."""
-        prompted = PromptedModel(backbone.model, module, backbone.is_encoder_decoder)
-        engine = build_engine(prompted, groups, loop, ds_config, loop.weight_decay)
-        run = self.cfg.run
-        tracker = make_tracker(run.tracking, run.tracking_uri, run.experiment, self.out.parent, self.ctx.is_main)
-        stage, _, name = spec.name.partition("/")
+    def _params(self, loop: LoopArgs) -> dict[str, str]:
+        """A run's options as tracked: the job's, with this run's own Stage-II knobs (a strategy's
+        preset changes some)."""
         params = self.cfg.to_dict()
-        if isinstance(loop, Stage2Args):  # this run's own Stage-II knobs (a strategy's preset changes some)
+        if isinstance(loop, Stage2Args):
             params["stage2"] = dataclasses.asdict(loop)
-        tracker.start(f"{Path(run.output_dir).name}/{spec.name}", flatten(params),
-                      tags={"stage": stage, "run": name, "target": self.cfg.data.target, "output_dir": str(self.out)},
-                      parent_run_id=self.parent_run_id)
-        status = "FAILED"
-        try:
-            if prepare is not None:
-                prepare(engine)
-            result = PromptRun(self.ctx, backbone, engine, spec, tracker=tracker, **artifacts).train()
-            metrics, tags = result_columns(result)
-            tracker.log_metrics(metrics, step=result["steps"])
-            tracker.set_tags(tags)
-            status = "FINISHED"
-            return result
-        except RunStopped:
-            status = "KILLED"
-            raise
-        finally:
-            engine.destroy()  # releases ZeRO-3 hooks; without it teardown can abort
-            if self.ctx.is_main:
-                log_run_files(tracker, spec.out_dir, {"ds_config.resolved.json": ds_config})
-            tracker.finish(status)
-
-    @staticmethod
-    def _done(out_dir: Path) -> dict[str, Any] | None:
-        result = out_dir / "result.json"
-        return json.loads(result.read_text()) if result.is_file() else None
+        return flatten(params)
 
     # ------------------------------------------------------------ zero-shot
     def zero_shot(self) -> dict[str, Any]:
         """The target scored with no soft prompt (its template alone): the backbone's own score."""
         out_dir = self.out / "zero_shot"
-        if self.cfg.run.resume and (done := self._done(out_dir)):
+        if self.cfg.run.resume and (done := self.session.done(out_dir)):
             return done
         loop = self.cfg.stage2
-        backbone, ds_config = self.load(loop)
-        p_init = self.init_prompt(backbone).to(self.ctx.device)
+        backbone, ds_config = self.session.load(loop)
+        p_init = self.session.init_prompt(backbone).to(self.ctx.device)
         module = SoftPrompt(p_init)  # an engine needs something to train; the scores use none of it
         groups = [{"params": [module.prompt], "lr": 0.0, "name": "prompt"}]
         engine = build_engine(PromptedModel(backbone.model, module, backbone.is_encoder_decoder), groups, loop,
                               ds_config, 0.0)
         try:
-            spec = self._spec("zero_shot", out_dir, loop, self.cfg.data.target, backbone)
+            spec = self.session.spec("zero_shot", out_dir, loop, self.cfg.data.target, backbone)
             return PromptRun(self.ctx, backbone, engine, spec).score_only(p_init.new_zeros(0, p_init.shape[1]))
         finally:
             engine.destroy()
@@ -260,17 +148,17 @@ class Pipeline:
     # ------------------------------------------------------------ Stage I
     def _stage1_run(self, task: str, out_dir: Path, seed_offset: int) -> dict[str, Any]:
         loop = self.cfg.stage1
-        backbone, ds_config = self.load(loop)
-        p_init = self.init_prompt(backbone).to(self.ctx.device)
+        backbone, ds_config = self.session.load(loop)
+        p_init = self.session.init_prompt(backbone).to(self.ctx.device)
         module = SoftPrompt(p_init)
-        spec = self._spec(f"stage1/{task}", out_dir, loop, task, backbone)
+        spec = self.session.spec(f"stage1/{task}", out_dir, loop, task, backbone)
         spec.seed += seed_offset
         groups = [{"params": [module.prompt], "lr": loop.lr, "name": "prompt"}]
-        return self._train(
-            backbone, ds_config, module, groups, loop, spec,
+        return self.session.train(
+            backbone, ds_config, module, groups, loop, spec, self._params(loop),
             artifact_extra=lambda best, p=p_init: {"task_vector": best.float() - p.float().cpu(),
                                                    "init_prompt": p.float().cpu()},
-            artifact_meta={**self._fingerprint(), "task": task},
+            artifact_meta={**self.session.fingerprint(), "task": task},
         )
 
     def stage1(self) -> dict[str, Any]:
@@ -282,7 +170,7 @@ class Pipeline:
         min_score = self.cfg.stage1.min_score
         for task in [self.cfg.data.target, *self.cfg.data.sources]:
             out_dir = self.stage1_dir / task
-            result = (self.cfg.run.resume and self._done(out_dir)) or self._stage1_run(task, out_dir, 0)
+            result = (self.cfg.run.resume and self.session.done(out_dir)) or self._stage1_run(task, out_dir, 0)
             if min_score is not None and task != self.cfg.data.target and task not in gate:
                 scores = [result["validation"]["mean"]]
                 while scores[-1] < min_score and len(scores) <= self.cfg.stage1.gate_retries:
@@ -341,13 +229,13 @@ class Pipeline:
         names = tuple(self.stage2_sources())
         for run_name in cfg.stage2.strategies:
             out_dir = self.out / "stage2" / run_name
-            if cfg.run.resume and (done := self._done(out_dir)):
+            if cfg.run.resume and (done := self.session.done(out_dir)):
                 results[run_name] = done
                 continue
             strategy, preset = split_strategy(run_name)
             loop = cfg.stage2 if preset is None else dataclasses.replace(cfg.stage2, **PRESETS[preset])
-            backbone, ds_config = self.load(loop)
-            p_init = self.init_prompt(backbone).float()
+            backbone, ds_config = self.session.load(loop)
+            p_init = self.session.init_prompt(backbone).float()
             target_prompt, source_prompts, source_tvs = self._stage1_vectors(p_init)
             device = self.ctx.device
             if strategy == "spot":
@@ -364,14 +252,15 @@ class Pipeline:
                                            ("target_scale", module.target_scale, loop.target_scale_lr),
                                            ("source_scales", module.source_scales, loop.source_scale_lr)])
                 meta = {"strategy": strategy, **({"preset": preset} if preset else {})}
-            spec = self._spec(f"stage2/{run_name}", out_dir, loop, cfg.data.target, backbone,
+            spec = self.session.spec(f"stage2/{run_name}", out_dir, loop, cfg.data.target, backbone,
                               recorder=group_trace.GroupTraceRecorder(names) if strategy != "spot" else None)
             prepare = None
             if strategy != "spot" and loop.ranking == "transfer":
                 prepare = functools.partial(self._measure_transfer, loop=loop, spec=spec, names=names,
                                             pad_id=backbone.tokenizer.pad_token_id)
-            results[run_name] = {**self._train(backbone, ds_config, module, groups, loop, spec, prepare=prepare,
-                                               artifact_meta={**self._fingerprint(), **meta}), **meta}
+            results[run_name] = {**self.session.train(backbone, ds_config, module, groups, loop, spec, self._params(loop),
+                                                      prepare=prepare,
+                                                      artifact_meta={**self.session.fingerprint(), **meta}), **meta}
             if self.ctx.is_main:  # keep the strategy's facts (e.g. SPoT's source) for reruns that skip it
                 (out_dir / "result.json").write_text(json.dumps(results[run_name], indent=2) + "\n")
         return results

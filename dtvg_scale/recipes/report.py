@@ -77,11 +77,11 @@ def evaluate_run(ctx, run_dir: Path, overrides: list[str], raw_ds_config: dict, 
     if not files:
         raise ConfigError(f"no saved prompt for target {target!r} in {run_dir}")
     pipeline = Pipeline(ctx, cfg, raw_ds_config)
-    backbone, ds_config = pipeline.load(cfg.stage2)
+    backbone, ds_config = pipeline.session.load(cfg.stage2)
     splits = pipeline.splits[target]
     encoded = encode_examples(splits.test, backbone.tokenizer, backbone.is_encoder_decoder,
                               cfg.data.max_source_length, cfg.data.max_target_length)
-    holder = SoftPrompt(pipeline.init_prompt(backbone).to(ctx.device))
+    holder = SoftPrompt(pipeline.session.init_prompt(backbone).to(ctx.device))
     prompted = PromptedModel(backbone.model, holder, backbone.is_encoder_decoder)
     engine, *_ = deepspeed.initialize(model=prompted, config=ds_config)  # inference: shards, no optimizer
     synced = ds_config.get("zero_optimization", {}).get("stage", 0) == 3 and ctx.world_size > 1

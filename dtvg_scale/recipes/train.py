@@ -97,7 +97,7 @@ def _main(argv: list[str] | None = None) -> int:
         job.start(out.name, flatten(cfg.to_dict()), tags={"job": "true", "target": cfg.data.target,
                                                           "output_dir": str(out.resolve())},
                   record=out / "mlflow_run.json")
-        pipeline.parent_run_id = job.run_id
+        pipeline.session.parent_run_id = job.run_id
         job.show_columns(runs_table_columns(cfg))
         stage1 = pipeline.stage1() if run.stages in ("all", "stage1") else {}
         stage2 = pipeline.stage2() if run.stages in ("all", "stage2") else {}

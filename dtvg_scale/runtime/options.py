@@ -1,5 +1,6 @@
-"""The runtime's option sections: the backbone (``model.*``), the soft prompt (``prompt.*``) and a
-training loop (``LoopArgs``: what ``stage1.*`` and ``stage2.*`` share)."""
+"""The runtime's option sections: the backbone (``model.*``), the soft prompt (``prompt.*``), a
+training loop (``LoopArgs``: what ``stage1.*`` and ``stage2.*`` share) and how a job runs (``run.*``:
+where its outputs go, resuming, checkpoints, tracking, stopping)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,43 @@ class LoopArgs:
     eval_every: int = option("Validate (and checkpoint) every this-many steps (paper: 1000).", AT_LEAST_1, default=50)
     eval_batch_size: int = option("Examples per rank per generation batch.", AT_LEAST_1, default=64)
     log_every: int = option("Write metrics and the group trace every this-many steps.", AT_LEAST_1, default=10)
+
+
+@dataclass
+class RunArgs:
+    output_dir: str = option("Run directory: every output of the run goes below it.", Range(path="not_file"),
+                            default="runs/embedded")
+    stages: str = option("all (Stage I then II), stage1, or stage2 (needs Stage-I outputs).", default="all")
+    stage1_dir: str | None = option("Read Stage-I outputs from here instead of <output_dir>/stage1.",
+                                   Range(path="folder"), default=None)
+    seed: int = option("Seed of dropout and other randomness in training.", AT_LEAST_0, default=0)
+    resume: bool = option("Continue from the latest checkpoint of each run found in output_dir.", default=True)
+    keep_checkpoints: int = option(
+        "Checkpoints kept per run (older ones are deleted); with 2 or more a damaged newest one falls back to the "
+        "previous.", AT_LEAST_1, default=2)
+    zero_shot: bool = option(
+        "Also score the target with no soft prompt at all (the task's template alone) on validation and test: "
+        "the backbone's zero-shot score, in results.json and <output_dir>/zero_shot/.",
+        default=False,
+    )
+    check_rank_agreement: bool = option(
+        "Debug: compare every step's grouping decision across ranks with a collective and fail loudly on divergence.",
+        default=False,
+    )
+    progress: bool = option("Show a progress bar (rank 0 only).", default=True)
+    tracking: bool = option("Log every run to MLflow (rank 0 only; never stops training if MLflow fails).", default=True)
+    tracking_uri: str | None = option(
+        "MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<parent of output_dir>/mlflow.db "
+        "(`mlflow ui` in that folder shows the runs).",
+        default=None,
+    )
+    experiment: str = option("MLflow experiment the runs are grouped under.", default="dtvg")
+    stop_after: int | None = option(
+        "Checkpoint and stop after this many optimizer steps of this invocation (to fit a job time limit); "
+        "run the same command again to continue. SIGTERM/SIGUSR1 do the same at the end of the current step.",
+        AT_LEAST_1, default=None,
+    )
+
+    def __post_init__(self) -> None:
+        if self.stages not in ("all", "stage1", "stage2"):
+            raise ConfigError(f"run.stages must be all, stage1 or stage2, got {self.stages!r}")
