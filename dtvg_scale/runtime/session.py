@@ -31,6 +31,8 @@ class StageError(ValueError):
 
 
 class Session:
+    """The shared state of one job's runs (``recipes.pipeline.Pipeline`` makes one)."""
+
     def __init__(self, ctx: DistContext, out: Path, raw_ds_config: dict, model_path: str, model_name: str,
                  dtype: torch.dtype, largest_trainable: int, hidden_size: int, prompt: PromptArgs, data: DataArgs,
                  run: RunArgs, splits: dict[str, TaskData],
@@ -46,6 +48,7 @@ class Session:
         self._backbones: dict[str, Backbone] = {}
 
     def ds_config(self, loop: LoopArgs) -> dict:
+        """The DeepSpeed config of a run with ``loop``."""
         return resolve_ds_config(self.raw_ds_config, loop, self.ctx.world_size, self.dtype, self.largest_trainable)
 
     def load(self, loop: LoopArgs) -> tuple[Backbone, dict]:
@@ -107,7 +110,8 @@ class Session:
                 "length": p.length, "init_seed": p.init_seed, "init_vocab_limit": p.init_vocab_limit}
 
     def spec(self, name: str, out_dir: Path, loop: LoopArgs, task: str, backbone: Backbone,
-              recorder: StepRecorder | None = None) -> RunSpec:
+             recorder: StepRecorder | None = None) -> RunSpec:
+        """One run of ``task``: its examples, scorer, evaluation mode and the job's run options."""
         splits, train, validation, test = self.examples(task, backbone)
         run = self.run
         return RunSpec(name=name, out_dir=out_dir, loop=loop, train=train, validation=validation, test=test,
@@ -155,5 +159,6 @@ class Session:
 
     @staticmethod
     def done(out_dir: Path) -> dict[str, Any] | None:
+        """A finished run's result (its ``result.json`` is written last), else None."""
         result = out_dir / "result.json"
         return json.loads(result.read_text()) if result.is_file() else None
