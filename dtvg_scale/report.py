@@ -1,6 +1,9 @@
-"""``deepspeed --num_gpus 2 dtvg_scale/report.py --ds_config ds_configs/zero3.json --runs ...`` by path, as the README runs it: the deepspeed launcher takes a script path. The
-command itself is ``dtvg_scale/recipes/report.py`` (console script ``dtvg-report``; ``deepspeed --module
-dtvg_scale.recipes.report`` works too)."""
+"""The ``report`` command by path, as the README runs it::
+
+    deepspeed --num_gpus 2 dtvg_scale/report.py --ds_config ds_configs/zero3.json --runs ...
+
+(the deepspeed launcher takes a script path). The command itself is ``dtvg_scale/recipes/report.py``
+(console script ``dtvg-report``; ``deepspeed --module dtvg_scale.recipes.report`` works too)."""
 
 import sys
 from pathlib import Path

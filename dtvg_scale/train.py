@@ -1,6 +1,9 @@
-"""``deepspeed --num_gpus 2 dtvg_scale/train.py --ds_config ds_configs/zero3.json`` by path, as the README runs it: the deepspeed launcher takes a script path. The
-command itself is ``dtvg_scale/recipes/train.py`` (console script ``dtvg-train``; ``deepspeed --module
-dtvg_scale.recipes.train`` works too)."""
+"""The ``train`` command by path, as the README runs it::
+
+    deepspeed --num_gpus 2 dtvg_scale/train.py --ds_config ds_configs/zero3.json
+
+(the deepspeed launcher takes a script path). The command itself is ``dtvg_scale/recipes/train.py``
+(console script ``dtvg-train``; ``deepspeed --module dtvg_scale.recipes.train`` works too)."""
 
 import sys
 from pathlib import Path
