@@ -133,15 +133,19 @@ def test_a_sweep_on_two_ray_nodes_survives_a_crashed_trial_and_a_killed_driver(t
         # between two saves, and the saved state never show a running trial: seen in CI)
         last = wait_for(lambda: nth_trial_worker(seen, cluster, 4), "the last trial to start")
         os.kill(last, signal.SIGSTOP)
-        # kill the driver once it has handled the crash and its saved state has a finished and a
-        # running trial. Not waiting for ERROR in the saved state: in Ray 2.60 that may never come.
+        # kill the driver once it has handled the crash and its saved state has a finished trial and
+        # the held one running. Not waiting for ERROR in the saved state: in Ray 2.60 that may never come.
         # When Ray reports the killed worker's death before Tune handles the failed task, Tune sets
         # the trial to ERROR in memory (error.txt written) but returns from _schedule_trial_stop
         # before marking it to be saved: every saved state keeps it RUNNING (a race; load decides)
         try:
             (crashed_id,) = wait_for(lambda: crashed_trials(experiment_dir), "the driver to handle the crash")
-            saved = wait_for(lambda: {"TERMINATED", "RUNNING"} <= set((state := saved_trials(experiment_dir)).values())
-                             and state, "a saved state with a finished and a running trial", every=0.5)
+            # all four trials saved, none pending: the held one is then saved running (it cannot end).
+            # A running crashed trial (that race) or third trial is not enough: the kill could come
+            # before the held one was saved running, and no trial be cut off (seen in CI)
+            saved = wait_for(lambda: len(state := saved_trials(experiment_dir)) == 4 and "PENDING" not in state.values()
+                             and "TERMINATED" in state.values() and state,
+                             "a saved state with all trials started and one finished", every=0.5)
         except pytest.fail.Exception:
             os.killpg(first.pid, signal.SIGKILL)
             pytest.fail(f"{saved_trials(experiment_dir)}\n{first.communicate()[0][-5000:]}")
