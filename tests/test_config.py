@@ -42,6 +42,9 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
     assert cfg.data.sources == ["emb_help_a"] and cfg.stage2.max_group_size == 2
     assert cfg.run.check_rank_agreement is True
     assert build_config({"stage2.kc_weight": None}).stage2.kc_weight is None
+    # YAML reads 1e-3 as a string (its floats need a dot): still the number the paper writes so
+    assert load_config(None, ["stage2.prompt_lr=1e-3", "prompt.length='7'"]).stage2.prompt_lr == 0.001
+    assert build_config({"prompt.length": "7", "data.sources": "emb_help_a"}).prompt.length == 7
 
 
 @pytest.mark.parametrize(
@@ -52,7 +55,8 @@ def test_overrides_yaml_values_and_shorthand(tmp_path):
         ({"stage2.strategies": ["dtvg-best"]}, "strategy 'dtvg-best': unknown preset 'best'; known: paper, centered"),
         ({"stage2.strategies": ["spot-transfer"]}, "a preset applies to merging strategies"),
         ({"prompt.length": "long"}, "must be an integer"),
-        ({"run.resume": "yes"}, "true or false"),
+        ({"run.resume": "maybe"}, "run.resume must be true or false, got 'maybe'"),
+        ({"data.sources": [["a"]]}, "data.sources must be a list, got"),  # of names
         ({"stage1.steps": 0}, "stage1.steps must be an integer >= 1, got 0"),
         ({"model.precision": "fp8"}, "precision"),
         ({"steps": 3}, "unknown option 'steps'"),  # ambiguous: stage1 or stage2

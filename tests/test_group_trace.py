@@ -60,9 +60,20 @@ def test_the_recorder_turns_decisions_into_rows_and_names():
     decision = group_scores(target, sources)
     recorder = group_trace.GroupTraceRecorder(NAMES)
     (row,) = recorder.rows([7], [decision])
-    assert row["step"] == 7 and row["group"] == recorder.merged(decision) == ["a", "c"]
+    assert row["step"] == 7 and row["group"] == recorder.at_best(decision) == ["a", "c"]
     assert row["candidates"] == 2 and list(row["similarity"]) == list(NAMES)
     assert torch.equal(recorder.agreement(decision), decision.mask)
     module = DTVGPrompt(torch.zeros(1, 2), target, sources)
     assert recorder.module_metrics(module) == pytest.approx(
         {"scale_norm/target": 1.0, "scale_norm/a": 1.0, "scale_norm/b": 1.0, "scale_norm/c": 1.0})
+
+
+def test_a_checkpoint_keeps_the_best_prompts_group_and_reads_the_old_key():
+    """The loop saves the recorder's entry generically (``at_best``); a checkpoint written before
+    2026-12 named the group ``best_group``, and a run resumed from one still reports it."""
+    from dtvg_scale.runtime.loop import saved_at_best
+
+    recorder = group_trace.GroupTraceRecorder(NAMES)
+    assert saved_at_best({"at_best": {"group_at_best": ["a"]}}, recorder) == {"group_at_best": ["a"]}
+    assert saved_at_best({"best_group": ["a", "c"]}, recorder) == {"group_at_best": ["a", "c"]}
+    assert saved_at_best({"best_group": None}, None) == {} == saved_at_best({}, recorder)  # Stage I

@@ -34,6 +34,15 @@ threshold (float, 0.0), kc_weight (float or None: KC alone for greedy_prefix, 1.
 max_group_size (int >= 1 or None), top_k (int >= 1, for selection "top_k"), temperature
 (float > 0, for merge "softmax"), scale_value (float, for scale_init "constant" only)."""
 
+KNOB_BOUNDS: dict[str, tuple[float, bool]] = {
+    "kc_weight": (0, False),  # None: KC alone for greedy_prefix, 1.0 for exact
+    "max_group_size": (1, False),
+    "top_k": (1, False),  # for selection "top_k"
+    "temperature": (0, True),  # for merge "softmax"
+}
+"""Bounded numeric knob -> (lowest, strict): it takes values >= lowest (> lowest when strict) or
+None. The one statement of these ranges: ``check_knobs`` and the job's ``stage2`` options read it."""
+
 PRESETS: dict[str, dict[str, object]] = {
     "paper": {},  # the authors' code, the default
     # the variant that kept every conflicting source out on the controlled benchmark (0 of 1500
@@ -84,8 +93,7 @@ def check_knobs(knobs: dict[str, Any], prefix: str = "") -> None:
                          f"{prefix}scale_init={knobs['scale_init']}")
     if knobs.get("selection") == "top_k" and knobs.get("top_k") is None:
         raise ValueError(f"{prefix}selection=top_k needs {prefix}top_k (an integer >= 1)")
-    for knob, lowest, strict in (("kc_weight", 0, False), ("max_group_size", 1, False), ("top_k", 1, False),
-                                 ("temperature", 0, True)):
+    for knob, (lowest, strict) in KNOB_BOUNDS.items():
         value = knobs.get(knob)
         if value is not None and (value <= lowest if strict else value < lowest):
             raise ValueError(f"{prefix}{knob} must be {'>' if strict else '>='} {lowest}, got {value!r}")

@@ -56,6 +56,7 @@ class GroupTraceRecorder:
     tracked state is its scales' norms (``DTVGPrompt.scale_norms``)."""
 
     file_name = FILE_NAME
+    result_key = "group_at_best"  # in result.json; summary and tracking read it
 
     def __init__(self, source_names: Sequence[str]) -> None:
         self.source_names = tuple(source_names)
@@ -71,7 +72,7 @@ class GroupTraceRecorder:
     def metrics(self, row: dict[str, Any]) -> dict[str, float]:
         return step_metrics(row)
 
-    def merged(self, decision) -> list[str]:
+    def at_best(self, decision) -> list[str]:  # the sources merged into the best prompt
         return selected_names(self.source_names, decision.mask.tolist())
 
     def module_metrics(self, module: nn.Module) -> dict[str, float]:

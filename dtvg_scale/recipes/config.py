@@ -7,7 +7,10 @@ differs, the help text gives the paper's value; ``configs/`` holds YAML files wi
 
 Command line: ``train.py [--config FILE.yaml] [--ds_config FILE.json] [section.key=value ...]``.
 A key may omit its section when the name is unique (``target=ctl_target``); values are parsed
-as YAML (``sources=[a,b]``, ``kc_weight=null``).
+as YAML (``sources=[a,b]``, ``kc_weight=null``), then typed by OmegaConf's structured config of
+the dataclasses (``prompt_lr=1e-3`` is a number). What OmegaConf does not know is here: the
+bare keys and "did you mean", a single name as a one-element list, each option's ``Range``, the
+presets, and one-line errors naming the option.
 """
 
 from __future__ import annotations
@@ -21,13 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dtvg_scale.data.options import DataArgs
-from dtvg_scale.method.config import PAPER, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
+from dtvg_scale.method.config import KNOB_BOUNDS, PAPER, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
 from dtvg_scale.method.selection import EXACT_MAX_SOURCES
 from dtvg_scale.method.strategies import STRATEGIES
-from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, option
+from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, Range, option
 from dtvg_scale.runtime.options import LoopArgs, ModelArgs, PromptArgs, RunArgs
+
+
+def knob_range(knob: str) -> Range:
+    """The method's bounds of a numeric knob (``method.config.KNOB_BOUNDS``) as an option's Range."""
+    lowest, strict = KNOB_BOUNDS[knob]
+    return Range(low=lowest, open_low=strict)
 
 
 @dataclass
@@ -60,9 +71,9 @@ class Stage2Args(LoopArgs):
     threshold: float = option("Sources with similarity >= threshold are candidates.", default=PAPER.threshold)
     kc_weight: float | None = option(
         "null: the code's rule (knowledge consistency alone); a number lambda: the paper's TS + lambda*KC.",
-        AT_LEAST_0, default=PAPER.kc_weight,
+        knob_range("kc_weight"), default=PAPER.kc_weight,
     )
-    max_group_size: int | None = option("Cap on the group size (null: none).", AT_LEAST_1,
+    max_group_size: int | None = option("Cap on the group size (null: none).", knob_range("max_group_size"),
                                         default=PAPER.max_group_size)
     similarity: str = option(
         f"Task-vector similarity: {', '.join(VARIANT_KNOBS['similarity'])} (default the paper's "
@@ -74,10 +85,11 @@ class Stage2Args(LoopArgs):
         "lambda = kc_weight or 1), top_k.",
         default=PAPER.selection,
     )
-    top_k: int | None = option("Group size of selection=top_k.", AT_LEAST_1, default=PAPER.top_k)
+    top_k: int | None = option("Group size of selection=top_k.", knob_range("top_k"), default=PAPER.top_k)
     merge: str = option("Merge of the selected vectors: sum (the paper), mean, softmax (over similarities).",
                          default=PAPER.merge)
-    temperature: float = option("Softmax temperature of merge=softmax.", ABOVE_0, default=PAPER.temperature)
+    temperature: float = option("Softmax temperature of merge=softmax.", knob_range("temperature"),
+                                default=PAPER.temperature)
     scale_init: str = option("Initial source scales: ones (the paper), uniform (1/K), zeros, constant "
                             "(stage2.scale_value).", default=PAPER.scale_init)
     scale_value: float | None = option("Every source scale's start with stage2.scale_init=constant (only then).",
@@ -148,48 +160,6 @@ def _field_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check a YAML value against a field's type, converting only where it is lossless."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
-    if origin is list:
-        (item_type,) = typing.get_args(annotation)
-        if isinstance(value, str):  # a single name is a one-element list
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item_type, key) for v in value]
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    raise ConfigError(f"{key}: unsupported option type {annotation}")
-
-
 def _all_keys() -> dict[str, tuple[str, str]]:
     """Every accepted key -> (section, field); unique bare field names are accepted too."""
     keys: dict[str, tuple[str, str]] = {}
@@ -215,12 +185,38 @@ def build_config(values: dict[str, Any] | None = None, check_paths: bool = True)
             hint = f"; did you mean {', '.join(close)}?" if close else "; see --help"
             raise ConfigError(f"unknown option {key!r}{hint}")
         section, name = known[key]
-        annotation = _field_types(_section_types()[section])[name]
-        chosen[section][name] = _coerce(value, annotation, f"{section}.{name}")
+        chosen[section][name] = value
     _apply_preset(chosen["stage2"])
-    for section, given in chosen.items():  # before any dataclass check: a range error names its option
+    typed = {section: _typed(section, given) for section, given in chosen.items()}
+    for section, given in typed.items():  # before any dataclass check: a range error names its option
         _check_ranges(section, given, check_paths)
-    return Config(**{section: cls(**chosen[section]) for section, cls in _section_types().items()})
+    return Config(**{section: cls(**typed[section]) for section, cls in _section_types().items()})
+
+
+def _typed(section: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The given values of one section converted to its fields' types by OmegaConf's structured
+    config (``"1e-3"`` is a number, ``"yes"`` a boolean; ``"long"`` is no integer): one error, naming
+    the option and what it takes, at the first value that does not convert."""
+    fields = _field_types(_section_types()[section])
+    typed = OmegaConf.structured(_section_types()[section])
+    for name, value in given.items():
+        if isinstance(value, str) and typing.get_origin(fields[name]) is list:
+            value = [value]  # a single name is a one-element list
+        try:
+            OmegaConf.update(typed, name, value, merge=False)  # converts, or refuses, against the field's type
+        except OmegaConfBaseException:
+            raise ConfigError(f"{section}.{name} must be {_kind(fields[name])}, got {given[name]!r}") from None
+    values = OmegaConf.to_container(typed)
+    return {name: values[name] for name in given}
+
+
+def _kind(annotation: Any) -> str:
+    """What an option of this type takes, in words (``int | None`` -> "an integer or null")."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    plain = next((a for a in args if a is not type(None)), annotation)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kind = "a list" if typing.get_origin(plain) is list else words[plain]
+    return f"{kind} or null" if type(None) in args else kind
 
 
 def _check_ranges(section: str, given: dict[str, Any], check_paths: bool) -> None:

@@ -6,13 +6,14 @@ which the run's ``StepRecorder`` turns into a file of rows and tracked values.
 One ``PromptRun`` trains one prompt module (a Stage-I prompt or a Stage-II strategy) and writes
 everything it produces below its own folder:
 
-- ``metrics.jsonl``: step, loss, lr, group size, and validation scores at evaluation steps;
+- ``metrics.jsonl``: step, loss, lr, and validation scores at evaluation steps;
 - the recorder's file (Stage II: ``group_trace.jsonl``, every step's similarities, KC and group);
 - ``best_prompt.safetensors``: the best-validation prompt (P* or P_mix), frozen;
 - ``test_predictions.jsonl``: input, target and generated text of every test example (best prompt);
 - ``checkpoints/``: DeepSpeed checkpoints in safetensors (trainable state, optimizer, step);
-- ``result.json``: validation and test scores of the best prompt, written last: a run with a
-  result is complete and is skipped when the job is started again.
+- ``result.json``: validation and test scores of the best prompt and the recorder's entry for it
+  (Stage II: ``group_at_best``), written last: a run with a result is complete and is skipped
+  when the job is started again.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class StepRecorder(Protocol):
     on the device, hands them back here and writes what it gets: it never looks inside one."""
 
     file_name: str  # the JSONL file of the rows, in the run folder
+    result_key: str  # result.json's key for what ``at_best`` makes of the best prompt's record
 
     def agreement(self, record: Any) -> Tensor:
         """What every rank must hold equal (``run.check_rank_agreement``)."""
@@ -89,8 +91,8 @@ class StepRecorder(Protocol):
     def metrics(self, row: dict[str, Any]) -> dict[str, float]:
         """One row's values for the tracker."""
 
-    def merged(self, record: Any) -> list[str]:
-        """What a prompt built with this record merged (the result's ``group_at_best``)."""
+    def at_best(self, record: Any) -> Any:
+        """What result.json keeps (JSON) of the record of the prompt that scored best."""
 
     def module_metrics(self, module: nn.Module) -> dict[str, float]:
         """The prompt module's own state for the tracker (its parameters gathered)."""
@@ -127,6 +129,14 @@ class RunSpec:
     label_ids: tuple[tuple[int, ...], ...] = ()
 
 
+def saved_at_best(client_state: dict[str, Any], recorder: StepRecorder | None) -> dict[str, Any]:
+    """The recorder's result entry a checkpoint holds. Checkpoints written before 2026-12 held
+    Stage II's group as ``best_group``: read as that recorder's entry, so such runs resume."""
+    if client_state.get("best_group") is not None and recorder is not None:
+        return {recorder.result_key: client_state["best_group"]}
+    return dict(client_state.get("at_best", {}))
+
+
 def _truncate_jsonl(path: Path, last_step: int) -> None:
     """Drop lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
@@ -155,7 +165,7 @@ class PromptRun:
         self.best_scores: dict[str, float] = {}
         self.best_step = -1
         self.best_prompt: Tensor | None = None
-        self.best_group: list[str] | None = None  # Stage II: the sources merged into the best prompt
+        self.at_best: dict[str, Any] = {}  # the recorder's result entry for the best prompt
         self.pending_metrics: list[dict] = []
         self.pending_records: list[tuple[int, Any]] = []  # (step, record): kept on the device until a flush
         self.sharding = self._sharding()
@@ -218,7 +228,7 @@ class PromptRun:
         tag = f"step{step}"
         tag_dir = self.checkpoint_dir / tag
         client_state = {"step": step, "best_score": self.best_score, "best_scores": self.best_scores,
-                        "best_step": self.best_step, "best_prompt": self.best_prompt, "best_group": self.best_group}
+                        "best_step": self.best_step, "best_prompt": self.best_prompt, "at_best": self.at_best}
         writer = self.engine.checkpoint_engine
         writer.written.clear()
         try:  # save_latest=False: a tag is trusted by its manifest, written below once every rank has written
@@ -267,7 +277,7 @@ class PromptRun:
         self.best_score, self.best_step = client_state["best_score"], client_state["best_step"]
         self.best_scores = dict(client_state["best_scores"])
         self.best_prompt = client_state["best_prompt"]
-        self.best_group = client_state.get("best_group")
+        self.at_best = saved_at_best(client_state, self.spec.recorder)
         if self.ctx.is_main:
             _truncate_jsonl(self.metrics_path, step)
             if self.records_path is not None:
@@ -332,14 +342,14 @@ class PromptRun:
             # 3) validate + checkpoint, and write what is buffered
             last = step == loop.steps - 1
             if (step + 1) % loop.eval_every == 0 or last:
-                rows, merged_with = gathered_prompt(self.prompted)
+                rows, record_of_rows = gathered_prompt(self.prompted)
                 scores = self._score(rows, spec.validation, spec.validation_examples)
                 self.pending_metrics.append({"step": step, "validation": scores})
                 if scores["mean"] > self.best_score:
                     self.best_score, self.best_scores = scores["mean"], scores
                     self.best_step, self.best_prompt = step, rows
-                    if merged_with is not None and spec.recorder is not None:  # the group inside the evaluated P_mix
-                        self.best_group = spec.recorder.merged(merged_with)
+                    if record_of_rows is not None and spec.recorder is not None:  # e.g. the group inside P_mix
+                        self.at_best = {spec.recorder.result_key: spec.recorder.at_best(record_of_rows)}
                 progress.evaluated(step, scores["mean"], self.best_score)
                 self._flush()
                 self._save_checkpoint(step)
@@ -386,7 +396,7 @@ class PromptRun:
         result = {"run": self.spec.name, "best_step": self.best_step, "steps": self.spec.loop.steps,
                   "reported_metric": self.spec.reported_metric, "eval_mode": self.spec.eval_mode,
                   "validation": self.best_scores, "test": test, "sharding": self.sharding,
-                  **({"group_at_best": self.best_group} if self.best_group is not None else {}),
+                  **self.at_best,
                   "examples": {"train": len(self.spec.train), "validation": len(self.spec.validation),
                                "test": len(self.spec.test)}}
         if self.ctx.is_main:
