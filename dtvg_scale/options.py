@@ -42,16 +42,20 @@ class Range:
             return "an existing folder"
         if self.path == "not_file":
             return "a folder (existing or new), not a file"
-        kind = "an integer" if int in _plain_types(annotation) else "a number"
+        kind = type_words(annotation, or_null=False)  # the caller says "or null" after the range
         if self.low is not None and self.high is not None:
             return f"{kind} in [{self.low:g}, {self.high:g}]"
         return f"{kind} {'>' if self.open_low else '>='} {self.low:g}"
 
 
-def _plain_types(annotation: Any) -> tuple[Any, ...]:
-    """``int | None`` -> (int,); ``float`` -> (float,)."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
-    return tuple(a for a in args if a is not type(None))
+def type_words(annotation: Any, or_null: bool = True) -> str:
+    """What an option of this type takes, in words: ``int | None`` -> "an integer or null" (with
+    ``or_null=False``: "an integer"), ``float`` -> "a number", ``list[str]`` -> "a list"."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
+    plain = next((a for a in args if a is not type(None)), annotation)
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    kind = "a list" if typing.get_origin(plain) is list else words[plain]
+    return f"{kind} or null" if or_null and type(None) in args else kind
 
 
 AT_LEAST_1, AT_LEAST_0, ABOVE_0 = Range(low=1), Range(low=0), Range(low=0, open_low=True)

@@ -30,9 +30,8 @@ VARIANT_KNOBS: dict[str, tuple[str, ...]] = {
     "ranking": ("task_vector", "transfer"),
 }
 """Categorical knob -> allowed values (the default is ``DTVGConfig``'s, ``PAPER``). Numeric knobs next to them:
-threshold (float, 0.0), kc_weight (float or None: KC alone for greedy_prefix, 1.0 for exact),
-max_group_size (int >= 1 or None), top_k (int >= 1, for selection "top_k"), temperature
-(float > 0, for merge "softmax"), scale_value (float, for scale_init "constant" only)."""
+threshold (float, 0.0), scale_value (float, for scale_init "constant" only) and the bounded ones of
+``KNOB_BOUNDS``."""
 
 KNOB_BOUNDS: dict[str, tuple[float, bool]] = {
     "kc_weight": (0, False),  # None: KC alone for greedy_prefix, 1.0 for exact

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from dtvg_scale.data.options import DataArgs
 from dtvg_scale.method.config import KNOB_BOUNDS, PAPER, VARIANT_KNOBS, DTVGConfig, check_knobs, split_strategy
 from dtvg_scale.method.selection import EXACT_MAX_SOURCES
 from dtvg_scale.method.strategies import STRATEGIES
-from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, Range, option
+from dtvg_scale.options import ABOVE_0, AT_LEAST_0, AT_LEAST_1, UNIT_INTERVAL, ConfigError, Range, option, type_words
 from dtvg_scale.runtime.options import LoopArgs, ModelArgs, PromptArgs, RunArgs
 
 
@@ -197,26 +196,20 @@ def _typed(section: str, given: dict[str, Any]) -> dict[str, Any]:
     """The given values of one section converted to its fields' types by OmegaConf's structured
     config (``"1e-3"`` is a number, ``"yes"`` a boolean; ``"long"`` is no integer): one error, naming
     the option and what it takes, at the first value that does not convert."""
-    fields = _field_types(_section_types()[section])
-    typed = OmegaConf.structured(_section_types()[section])
+    if not given:  # nothing to type: skip building the section's structured config
+        return {}
+    section_cls = _section_types()[section]
+    fields = _field_types(section_cls)
+    typed = OmegaConf.structured(section_cls)
     for name, value in given.items():
         if isinstance(value, str) and typing.get_origin(fields[name]) is list:
             value = [value]  # a single name is a one-element list
         try:
             OmegaConf.update(typed, name, value, merge=False)  # converts, or refuses, against the field's type
         except OmegaConfBaseException:
-            raise ConfigError(f"{section}.{name} must be {_kind(fields[name])}, got {given[name]!r}") from None
+            raise ConfigError(f"{section}.{name} must be {type_words(fields[name])}, got {given[name]!r}") from None
     values = OmegaConf.to_container(typed)
     return {name: values[name] for name in given}
-
-
-def _kind(annotation: Any) -> str:
-    """What an option of this type takes, in words (``int | None`` -> "an integer or null")."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else ()
-    plain = next((a for a in args if a is not type(None)), annotation)
-    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    kind = "a list" if typing.get_origin(plain) is list else words[plain]
-    return f"{kind} or null" if type(None) in args else kind
 
 
 def _check_ranges(section: str, given: dict[str, Any], check_paths: bool) -> None:
